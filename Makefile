@@ -1,0 +1,29 @@
+# sciml: `make run` trains the HEP example, `make test` runs the test suite. Both create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# --prefer-binary: pythia8mc's newest release may have no wheel for this Python yet; an older wheel beats a
+# 20-minute compile.
+PIP_INSTALL := $(PY) -m pip install --prefer-binary --disable-pip-version-check
+
+.PHONY: venv run test test-slow clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) --upgrade pip setuptools wheel
+	$(PIP_INSTALL) -e ".[all,dev]"
+	touch $@
+
+run: venv
+	$(PY) -m sciml +plugin=hep
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,73 @@
+"""The command line: `python -m sciml +plugin=NAME [overrides]`, `python -m sciml --list-plugins`."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from sciml import plugins, searchpath
+from sciml.errors import SciMLError
+
+# Hydra flags that only print information: they need no plugin.
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--version", "--shell-completion", "-sc"}
+
+
+def _plugin_names(argv: list[str]) -> list[str] | None:
+    """Plugin names requested on the command line (several under a sweep), None when no `plugin` override."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # let Hydra report malformed command lines in its own words
+        return None
+    for override in overrides:
+        if override.key_or_group != "plugin":
+            continue
+        if override.type != OverrideType.ADD:
+            raise SciMLError(f"select the plugin with '+plugin=...', not '{override.input_line}' "
+                             "(plugin is not in the defaults list)")
+        if override.is_sweep_override():
+            return list(override.sweep_string_iterator())
+        return [str(override.value())]
+    return None
+
+
+def check_command_line(argv: list[str]) -> None:
+    if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
+        return
+    names = _plugin_names(argv)
+    available = plugins.installed()
+    if names is None:
+        raise SciMLError(f"no plugin selected: add +plugin=NAME (installed plugins: {', '.join(available)})")
+    for name in names:
+        plugins.load(name)  # raises a one-line error naming the installed plugins
+
+
+@hydra.main(config_path="pkg://sciml.conf", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from sciml.run import run_job  # heavy imports (torch, Lightning) only once a job really runs
+
+    return run_job(cfg)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if argv[:1] == ["--list-plugins"]:
+        for plugin in plugins.load_all():
+            print(f"{plugin.name:12s} {plugin.description}")
+        return
+    try:
+        check_command_line(argv)
+    except SciMLError as exc:
+        print(f"sciml: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    searchpath.register()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

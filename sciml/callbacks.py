@@ -1,0 +1,98 @@
+"""Lightning callbacks every run gets: throughput, divergence guard, training curves."""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.data import extract_batch_size
+
+from sciml.errors import SciMLError
+
+
+class Throughput(pl.Callback):
+    """Logs `train/samples_per_s`: training samples (all ranks) per second of the training loop.
+
+    The clock runs from the start of each training epoch to its last batch, so data loading is included and
+    validation is not.
+    """
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start, self._last, self._samples = time.perf_counter(), None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._samples += extract_batch_size(batch)
+        self._last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self._last is not None and self._last > self._start:
+            rate = self._samples * trainer.world_size / (self._last - self._start)
+            pl_module.log("train/samples_per_s", rate, sync_dist=False, rank_zero_only=True)
+
+
+class StopOnDivergence(pl.Callback):
+    """Stops with a clear error when the training loss stops being finite.
+
+    It raises at once, before any checkpoint of the diverged weights is written, so `checkpoints/last.ckpt`
+    stays the last good one.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
+            ckpt = trainer.checkpoint_callback
+            last = Path(ckpt.dirpath) / "last.ckpt" if ckpt and ckpt.dirpath else None
+            kept = f"last good checkpoint kept: {last}" if last and last.is_file() else "no checkpoint was written yet"
+            raise SciMLError(f"training diverged: loss is {loss.item()} at epoch {trainer.current_epoch} "
+                             f"step {trainer.global_step}; {kept}. Lower optimizer.lr or add warm-up.")
+
+
+class TrainingCurves(pl.Callback):
+    """Records the epoch-level train/val metrics and plots them to `plots/training_curves.png`."""
+
+    def __init__(self):
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._record(trainer, "val/")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._record(trainer, "train/")
+
+    def _record(self, trainer, prefix):
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(prefix) and value.numel() == 1 and math.isfinite(float(value)):
+                self.history[key.removesuffix("_epoch")].append((trainer.current_epoch, float(value)))
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero or not self.history:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = sorted({k.split("/", 1)[1] for k in self.history if not k.endswith("samples_per_s")})
+        fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            for stage in ("train", "val"):
+                points = dict(self.history.get(f"{stage}/{name}", []))  # last value per epoch
+                if points:
+                    ax.plot(list(points), list(points.values()), marker="o", ms=3, label=stage)
+            ax.set(xlabel="epoch", title=name)
+            ax.legend()
+        fig.tight_layout()
+        out = Path(trainer.default_root_dir) / "plots"
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / "training_curves.png", dpi=110)
+        plt.close(fig)
+
+    def state_dict(self):
+        return {"history": dict(self.history)}
+
+    def load_state_dict(self, state_dict):
+        self.history = defaultdict(list, state_dict.get("history", {}))

@@ -1,0 +1,142 @@
+"""One run: seed, build datamodule, model, task and trainer from the config; fit; test the best checkpoint;
+predict; write the run directory (config.yaml, metrics.json, checkpoints/, plots/, predictions/)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sciml.errors import SciMLError
+
+log = logging.getLogger("sciml")
+
+
+class JobFailed(CompactHydraException):
+    """A failed multirun job: Hydra records it, runs the other jobs, and prints this one line at the end."""
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """Hydra's task function. Returns the configured objective so that sweepers can use it.
+
+    Errors become one line naming what is wrong; the full traceback is kept for HYDRA_FULL_ERROR=1. In a multirun
+    the failure is re-raised so that Hydra records the job as failed while the other jobs go on.
+    """
+    try:
+        return run(cfg)
+    except Exception as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = str(exc) if isinstance(exc, SciMLError) else f"{type(exc).__name__}: {exc}"
+        message = " ".join(message.split())
+        log.error(message)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise JobFailed(message) from None
+        raise SystemExit(1) from None
+
+
+def run(cfg: DictConfig) -> float | None:
+    for key in ("data", "model", "task"):
+        if key not in cfg:
+            raise SciMLError(f"the config has no '{key}': select a plugin with +plugin=NAME")
+    out = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    task = instantiate(cfg.task, model=model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      strategy=_strategy(cfg.strategy))
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    checkpoint = trainer.checkpoint_callback
+    fit_metrics: dict[str, float] = {}
+    if cfg.train:
+        last = out / "checkpoints" / "last.ckpt"
+        resume = cfg.ckpt_path or (str(last) if last.is_file() else None)
+        if resume:
+            _check_file(resume, "ckpt_path")
+            log.info("resuming from %s", resume)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+        fit_metrics = _floats(trainer.callback_metrics)
+        test_ckpt = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
+        if checkpoint and checkpoint.best_model_score is not None:
+            fit_metrics[f"{checkpoint.monitor}_best"] = float(checkpoint.best_model_score)
+    else:
+        if not cfg.ckpt_path:
+            raise SciMLError("train=false needs ckpt_path=PATH (a checkpoint of a trained run)")
+        test_ckpt = _check_file(cfg.ckpt_path, "ckpt_path")
+
+    test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=test_ckpt)
+    predictions = trainer.predict(task, datamodule=datamodule, ckpt_path=test_ckpt)
+
+    metrics = {**fit_metrics, **(_floats(test_metrics[0]) if test_metrics else {})}
+    if trainer.is_global_zero:
+        _save_predictions(datamodule, predictions, out / "predictions")
+        (out / "metrics.json").write_text(json.dumps(dict(sorted(metrics.items())), indent=2, allow_nan=False))
+        log.info("metrics: %s", json.dumps({k: round(v, 5) for k, v in sorted(metrics.items())}))
+        log.info("run directory: %s", out)
+    return _objective(metrics, cfg.objective)
+
+
+def _strategy(cfg: DictConfig):
+    if "_target_" in cfg:
+        return instantiate(cfg)
+    return cfg.get("name", "auto")
+
+
+def _check_file(path: str, key: str) -> str:
+    if not Path(path).is_file():
+        raise SciMLError(f"{key}: no such file '{path}'")
+    return str(path)
+
+
+def _floats(metrics) -> dict[str, float]:
+    """Stage metrics (train/, val/, test/) as plain floats, epoch aggregates under their plain name; per-step
+    values and the LR monitor's entries are left to the logger. Non-finite values are dropped with a warning."""
+    clean = {}
+    for key, value in metrics.items():
+        if not key.startswith(("train/", "val/", "test/")) or key.endswith("_step"):
+            continue
+        key = key.removesuffix("_epoch")
+        value = float(value.item() if isinstance(value, torch.Tensor) else value)
+        if math.isfinite(value):
+            clean[key] = value
+        else:
+            log.warning("metric %s is %s; left out of metrics.json", key, value)
+    return clean
+
+
+def _objective(metrics: dict[str, float], name: str) -> float | None:
+    if name not in metrics:
+        log.warning("objective '%s' was not measured; metrics are: %s", name, ", ".join(sorted(metrics)))
+        return None
+    return metrics[name]
+
+
+def _save_predictions(datamodule, batches, directory: Path) -> None:
+    """Concatenate the predict-step outputs and hand them to the plugin's writer (domain format)."""
+    if not batches:
+        return
+    merged = {key: torch.cat([b[key] for b in batches]).numpy() for key in batches[0]}
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = getattr(datamodule, "save_predictions", None)
+    if writer is None:
+        import numpy as np
+
+        np.savez_compressed(directory / "predictions.npz", **merged)
+    else:
+        writer(merged, directory)
