@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> float | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    checkpoint = trainer.checkpoint_callback
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)  # the best-model one
     fit_metrics: dict[str, float] = {}
     if cfg.train:
         last = out / "checkpoints" / "last.ckpt"
