@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sciml.data import keep_batch
 from sciml.errors import SciMLError
 
 log = logging.getLogger(__name__)
@@ -125,10 +126,6 @@ class Rows(Dataset):
                 self.source.read(self.index[np.asarray(positions)]).items()}
 
 
-def _whole_batch(batch):
-    return batch  # __getitems__ already returns a collated batch
-
-
 class HEPDataModule(pl.LightningDataModule):
     """Signal vs background calorimeter images.
 
@@ -191,7 +188,7 @@ class HEPDataModule(pl.LightningDataModule):
         log.info("HEP data: %s", ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=_whole_batch,
+        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self):
