@@ -56,8 +56,8 @@ class TrainingCurves(pl.Callback):
     def __init__(self):
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if not trainer.sanity_checking:
+    def on_validation_end(self, trainer, pl_module):  # after the task has logged this epoch's metrics
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
             self._record(trainer, "val/")
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -65,7 +65,8 @@ class TrainingCurves(pl.Callback):
 
     def _record(self, trainer, prefix):
         for key, value in trainer.callback_metrics.items():
-            if key.startswith(prefix) and value.numel() == 1 and math.isfinite(float(value)):
+            if (key.startswith(prefix) and not key.endswith("_step") and value.numel() == 1
+                    and math.isfinite(float(value))):
                 self.history[key.removesuffix("_epoch")].append((trainer.current_epoch, float(value)))
 
     def on_fit_end(self, trainer, pl_module):
@@ -75,15 +76,21 @@ class TrainingCurves(pl.Callback):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         names = sorted({k.split("/", 1)[1] for k in self.history if not k.endswith("samples_per_s")})
-        fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-        for ax, name in zip(axes[0], names):
+        cols = min(len(names), 4)
+        rows = -(-len(names) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(names):]:
+            ax.set_visible(False)
+        for ax, name in zip(axes.flat, names):
             for stage in ("train", "val"):
                 points = dict(self.history.get(f"{stage}/{name}", []))  # last value per epoch
                 if points:
                     ax.plot(list(points), list(points.values()), marker="o", ms=3, label=stage)
             ax.set(xlabel="epoch", title=name)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend()
         fig.tight_layout()
         out = Path(trainer.default_root_dir) / "plots"
