@@ -43,6 +43,6 @@ def test_non_editable_install_runs_from_any_directory(tmp_path):
     assert all(line.startswith(str(site)) for line in where.stdout.split()), where.stdout
     assert (site / "sciml" / "conf" / "config.yaml").is_file()
     assert (site / "sciml_plugins" / "hep" / "data" / "hep_top_qcd_40x40.h5").is_file()
-    composed = sciml("+plugin=hep", "--cfg", "job", "--resolve", "optimizer=lars", env=env, cwd=tmp_path)
+    composed = sciml("+plugin=hep", "optimizer=lars", "--cfg", "job", "--resolve", env=env, cwd=tmp_path)
     assert composed.returncode == 0, composed.stderr[-2000:]
     assert "KurthCNN" in composed.stdout and "sciml.optim.LARS" in composed.stdout
