@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import sciml.distributed  # noqa: F401  (registers strategy "hybrid" with Lightning)
 from sciml.errors import SciMLError
 
 log = logging.getLogger("sciml")
@@ -105,11 +106,11 @@ def _check_file(path: str, key: str) -> str:
 
 
 def _floats(metrics) -> dict[str, float]:
-    """Stage metrics (train/, val/, test/) as plain floats, epoch aggregates under their plain name; per-step
+    """Stage metrics (train/, val/, test/, comm/) as plain floats, epoch aggregates under their plain name; per-step
     values and the LR monitor's entries are left to the logger. Non-finite values are dropped with a warning."""
     clean = {}
     for key, value in metrics.items():
-        if not key.startswith(("train/", "val/", "test/")) or key.endswith("_step"):
+        if not key.startswith(("train/", "val/", "test/", "comm/")) or key.endswith("_step"):
             continue
         key = key.removesuffix("_epoch")
         value = float(value.item() if isinstance(value, torch.Tensor) else value)
