@@ -1,10 +1,11 @@
 """The command line: `python -m sciml +plugin=NAME [overrides]`, `python -m sciml --list-plugins`."""
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sciml import plugins, searchpath
 from sciml.errors import SciMLError
@@ -47,6 +48,23 @@ def check_command_line(argv: list[str]) -> None:
         plugins.load(name)  # raises a one-line error naming the installed plugins
 
 
+def launch_id(default: str) -> str:
+    """Run-directory name shared by every rank of one launch (resolver `sciml.launch_id`, used by
+    conf/hydra/default.yaml): ranks started by srun or torchrun each run Hydra themselves, and a timestamp per
+    process could differ between them.
+
+    `slurm-<SLURM_JOB_ID>` inside a SLURM job; `torchrun-<TORCHELASTIC_RUN_ID>` under torchrun with a rendezvous id
+    (`--standalone` or `--rdzv-id`; plain torchrun's id is "none"); otherwise `default` (the timestamp path).
+    `hydra.run.dir=DIR` always wins.
+    """
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun-{run_id}"
+    return default
+
+
 @hydra.main(config_path="pkg://sciml.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from sciml.run import run_job  # heavy imports (torch, Lightning) only once a job really runs
@@ -66,6 +84,7 @@ def main() -> None:
         print(f"sciml: error: {exc}", file=sys.stderr)
         sys.exit(2)
     searchpath.register()
+    OmegaConf.register_new_resolver("sciml.launch_id", launch_id, replace=True)
     _hydra_main()
 
 

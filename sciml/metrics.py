@@ -53,7 +53,9 @@ class WeightedBinaryClassification(Metric):
         self.weights.append(torch.ones_like(self.scores[-1]) if weights is None else weights.detach().double().flatten())
 
     def curve(self):
-        return weighted_roc(dim_zero_cat(self.scores), dim_zero_cat(self.labels), dim_zero_cat(self.weights))
+        """The (background, signal) efficiency curve over all ranks: a collective call under DDP."""
+        with self.sync_context():
+            return weighted_roc(dim_zero_cat(self.scores), dim_zero_cat(self.labels), dim_zero_cat(self.weights))
 
     def compute(self) -> dict[str, torch.Tensor]:
         scores, labels, weights = (dim_zero_cat(s) for s in (self.scores, self.labels, self.weights))

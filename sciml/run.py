@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import sciml.distributed  # noqa: F401  (registers strategy "hybrid" with Lightning)
+from sciml.distributed import launch  # also registers strategy "hybrid" with Lightning
 from sciml.errors import SciMLError
 
 log = logging.getLogger("sciml")
@@ -57,8 +57,17 @@ def run(cfg: DictConfig) -> float | None:
     task = instantiate(cfg.task, model=model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    # A datamodule that gives each rank its own shard (`shards_by_rank = True`) must not get Lightning's
+    # DistributedSampler on top, which would shard the shards.
+    sampler = {"use_distributed_sampler": False} if getattr(datamodule, "shards_by_rank", False) else {}
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                      strategy=_strategy(cfg.strategy))
+                                      strategy=_strategy(cfg.strategy), **sampler)
+    with launch.job_scope(trainer):  # ends this job's DDP processes and process group (multirun: before the next)
+        return _fit_test_predict(cfg, trainer, task, datamodule, out)
+
+
+def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningModule,
+                      datamodule: pl.LightningDataModule, out: Path) -> float | None:
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -82,7 +91,7 @@ def run(cfg: DictConfig) -> float | None:
         test_ckpt = _check_file(cfg.ckpt_path, "ckpt_path")
 
     test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=test_ckpt)
-    predictions = trainer.predict(task, datamodule=datamodule, ckpt_path=test_ckpt)
+    predictions = _gather_on_rank_zero(trainer, trainer.predict(task, datamodule=datamodule, ckpt_path=test_ckpt))
 
     metrics = {**fit_metrics, **(_floats(test_metrics[0]) if test_metrics else {})}
     if trainer.is_global_zero:
@@ -126,6 +135,20 @@ def _objective(metrics: dict[str, float], name: str) -> float | None:
         log.warning("objective '%s' was not measured; metrics are: %s", name, ", ".join(sorted(metrics)))
         return None
     return metrics[name]
+
+
+def _gather_on_rank_zero(trainer: pl.Trainer, batches: list | None) -> list | None:
+    """Every rank's predict-step outputs on rank 0, in rank order (None on the other ranks).
+
+    Under DDP `trainer.predict` returns the outputs of this rank's part of the data only (the datamodule's own shard,
+    or Lightning's unpadded predict sampler): gathering them gives every row exactly once. Objects, not tensors, are
+    gathered because the ranks may hold different numbers of rows.
+    """
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return batches
+    gathered = [None] * trainer.world_size if trainer.is_global_zero else None
+    torch.distributed.gather_object(batches or [], gathered, dst=0)
+    return [batch for rank_batches in gathered for batch in rank_batches] if trainer.is_global_zero else None
 
 
 def _save_predictions(datamodule, batches, directory: Path) -> None:

@@ -1,10 +1,14 @@
 """Calorimeter images in the HDF5 layout of NERSC's hep_cnn_benchmark: `data` (N, C, H, W), `label` (N),
 `weight` and `normweight` (N). One file, a folder of files, or a glob.
 
-Files are read whole when they fit in memory (one read per file, no per-sample opens); larger inputs are read
-batch by batch with one sorted fancy-index read per file. Batches are gathered with one indexing operation
-(`__getitems__`), not sample by sample. Each channel is scaled by its training-set maximum, on the device,
+The rows a process needs are read into memory when they fit (one pass over each file, no per-sample opens); larger
+inputs are read batch by batch with one sorted fancy-index read per file. Batches are gathered with one indexing
+operation (`__getitems__`), not sample by sample. Each channel is scaled by its training-set maximum, on the device,
 after transfer; the maxima are saved in checkpoints so that a test-only run scales the same way.
+
+Under DDP (more than one rank) every rank keeps only its own share of each split and reads only those rows from the
+files (`shard`); the module says so with `shards_by_rank = True`, and sciml then builds the Trainer without
+Lightning's DistributedSampler.
 """
 from __future__ import annotations
 
@@ -44,10 +48,14 @@ def resolve_files(path: str | Path | None, key: str = "data.path") -> list[Path]
 
 
 class H5Images:
-    """The rows of one or more HDF5 files as one indexable source, validated on open."""
+    """The rows of one or more HDF5 files as one indexable source, validated on open.
+
+    Reads are lazy (one sorted read per file and batch) until `load(rows)` keeps the rows this process needs in
+    memory, when they fit in `max_memory_gb`.
+    """
 
     def __init__(self, files: list[Path], channels: int, weight_key: str | None, max_memory_gb: float):
-        self.files, self.weight_key = files, weight_key
+        self.files, self.weight_key, self.max_memory_gb = files, weight_key, max_memory_gb
         counts, shape = [], None
         for f in files:
             with _open(f) as h5:
@@ -58,38 +66,70 @@ class H5Images:
             counts.append(n)
         self.shape = shape
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        self.in_memory = self.offsets[-1] * np.prod(shape) * 4 <= max_memory_gb * 2**30
-        self._arrays = [self._read_file(f) for f in files] if self.in_memory else None
+        self.in_memory = False
+        self._rows: np.ndarray | None = None  # the global rows held in memory, sorted
+        self._arrays: dict[str, np.ndarray] | None = None  # their values, in the order of _rows
         self._handles: dict[int, h5py.File] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _read_file(self, f: Path) -> dict[str, np.ndarray]:
-        with _open(f) as h5:
-            arrays = {"x": h5["data"][...].astype(np.float32, copy=False), "y": h5["label"][...].astype(np.int64)}
-            if self.weight_key:
-                arrays["w"] = h5[self.weight_key][...].astype(np.float32)
-        _check_finite(arrays, f, self.weight_key)
+    def load(self, rows: np.ndarray | None = None) -> None:
+        """Keep `rows` (global indices; None: all) in memory if they fit in `max_memory_gb`; reads stay lazy
+        otherwise. Only these rows are kept: a rank of a sharded run holds its shard, not the files."""
+        rows = np.arange(len(self)) if rows is None else np.unique(rows)
+        self.in_memory = 0 < len(rows) * np.prod(self.shape) * 4 <= self.max_memory_gb * 2**30
+        if not self.in_memory:
+            return
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        parts = [self._read_rows(file_id, rows[which == file_id] - self.offsets[file_id])
+                 for file_id in np.unique(which)]
+        self._rows = rows
+        self._arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _read_rows(self, file_id: int, local: np.ndarray, block_bytes: int = 64 * 2**20) -> dict[str, np.ndarray]:
+        """Rows `local` (sorted) of one file. The file is walked in windows of `block_bytes`; each window holding
+        wanted rows is read as one contiguous slice and only those rows are kept. With chunked, compressed files this
+        is several times faster than a fancy-index read of scattered rows, and memory stays at the kept rows plus
+        one window."""
+        path = self.files[file_id]
+        rows_per_block = max(1, block_bytes // int(np.prod(self.shape) * 4))
+        keys = {"x": "data", "y": "label", **({"w": self.weight_key} if self.weight_key else {})}
+        dtypes = {"x": np.float32, "y": np.int64, "w": np.float32}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        with _open(path) as h5:
+            for block in np.split(local, np.flatnonzero(np.diff(local // rows_per_block)) + 1):
+                first, stop = int(block[0]), int(block[-1]) + 1
+                for key, name in keys.items():
+                    values = h5[name][first:stop]
+                    if stop - first != len(block):  # not contiguous: keep the wanted rows only
+                        values = values[block - first]
+                    parts[key].append(values.astype(dtypes[key], copy=False))
+        arrays = {k: np.concatenate(v) for k, v in parts.items()}
+        _check_finite(arrays, path, self.weight_key)
         return arrays
 
     def read(self, index: np.ndarray) -> dict[str, np.ndarray]:
         """Rows at global `index` (any order), in that order."""
+        if self.in_memory:
+            position = np.searchsorted(self._rows, index)
+            if (position >= len(self._rows)).any() or (self._rows[position] != index).any():
+                raise IndexError("H5Images.read: rows outside those loaded into memory")
+            batch = {k: v[position] for k, v in self._arrays.items()}
+            batch["index"] = index
+            return batch
         order = np.argsort(index, kind="stable")
         sorted_index = index[order]
         which = np.searchsorted(self.offsets, sorted_index, side="right") - 1
         parts = []
-        for file_id in np.unique(which):
+        for file_id in np.unique(which):  # h5py needs increasing indices: one read per file and batch
             local = sorted_index[which == file_id] - self.offsets[file_id]
-            if self.in_memory:
-                parts.append({k: v[local] for k, v in self._arrays[file_id].items()})
-            else:  # h5py needs increasing indices: one read per file and batch
-                h5 = self._handles.get(file_id) or self._handles.setdefault(file_id, _open(self.files[file_id]))
-                part = {"x": h5["data"][local].astype(np.float32), "y": h5["label"][local].astype(np.int64)}
-                if self.weight_key:
-                    part["w"] = h5[self.weight_key][local].astype(np.float32)
-                _check_finite(part, self.files[file_id], self.weight_key)
-                parts.append(part)
+            h5 = self._handles.get(file_id) or self._handles.setdefault(file_id, _open(self.files[file_id]))
+            part = {"x": h5["data"][local].astype(np.float32), "y": h5["label"][local].astype(np.int64)}
+            if self.weight_key:
+                part["w"] = h5[self.weight_key][local].astype(np.float32)
+            _check_finite(part, self.files[file_id], self.weight_key)
+            parts.append(part)
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
@@ -107,6 +147,14 @@ class H5Images:
 
     def __getstate__(self):  # open h5py handles do not cross process boundaries (DataLoader workers)
         return {**self.__dict__, "_handles": {}}
+
+
+def shard(rows: np.ndarray, rank: int, world: int, equal: bool) -> np.ndarray:
+    """Rank `rank`'s share of `rows` among `world` ranks: every `world`-th row from offset `rank`, so the shares are
+    disjoint and together hold all of `rows`. `equal`: cut every share to `len(rows) // world` rows (at most
+    `world - 1` rows of the split are left out), so that every rank runs the same number of batches."""
+    mine = rows[rank::world]
+    return mine[:len(rows) // world] if equal else mine
 
 
 class Rows(Dataset):
@@ -137,7 +185,12 @@ class HEPDataModule(pl.LightningDataModule):
         weight_key: per-event weights used in loss and metrics (`normweight`, `weight`, or None).
         channels: expected number of image channels.
         max_memory_gb: inputs larger than this are read batch by batch instead of whole.
+
+    Under DDP each rank keeps `shard(split, rank, world)` of every split: equal-size shards for training and
+    validation, an exact partition for testing and prediction; see `setup`.
     """
+
+    shards_by_rank = True  # sciml builds the Trainer without Lightning's DistributedSampler
 
     def __init__(self, path: str | None = None, test_path: str | None = None, batch_size: int = 128,
                  val_fraction: float = 0.15, test_fraction: float = 0.15, weight_key: str | None = "normweight",
@@ -164,28 +217,66 @@ class HEPDataModule(pl.LightningDataModule):
         return self._source.shape if self.splits else None
 
     def setup(self, stage: str) -> None:
+        """Split the rows (seeded), keep this rank's share of each split in memory and, when fitting, compute the
+        per-channel maxima of the whole training split."""
         if self.splits:
             return
+        rank, world = self._rank_and_world()
         self._source = H5Images(resolve_files(self.path), self.channels, self.weight_key, self.max_memory_gb)
         n = len(self._source)
         order = np.random.default_rng(self.split_seed).permutation(n)
         n_test, n_val = int(round(self.test_fraction * n)), int(round(self.val_fraction * n))
-        self.splits["train"] = Rows(self._source, np.sort(order[n_test + n_val:]))
-        self.splits["val"] = Rows(self._source, np.sort(order[n_test:n_test + n_val]))
+        train, val = np.sort(order[n_test + n_val:]), np.sort(order[n_test:n_test + n_val])
         if self.test_path:
-            test = H5Images(resolve_files(self.test_path, "data.test_path"), self.channels, self.weight_key,
-                            self.max_memory_gb)
-            if test.shape != self._source.shape:
-                raise SciMLError(f"data.test_path: images of shape {test.shape}, training data {self._source.shape}")
-            self.splits["test"] = Rows(test, np.arange(len(test)))
+            test_source = H5Images(resolve_files(self.test_path, "data.test_path"), self.channels, self.weight_key,
+                                   self.max_memory_gb)
+            if test_source.shape != self._source.shape:
+                raise SciMLError(f"data.test_path: images of shape {test_source.shape}, "
+                                 f"training data {self._source.shape}")
+            test = np.arange(len(test_source))
         else:
-            self.splits["test"] = Rows(self._source, np.sort(order[:n_test]))
+            test_source, test = self._source, np.sort(order[:n_test])
+        if stage == "fit" and len(train) < world:
+            where = self.path or DEFAULT_FILE
+            raise SciMLError(f"data.path: no training rows left in {where}" if world == 1 else
+                             f"data.path: {len(train)} training rows in {where}, fewer than the {world} ranks")
+        # Training and validation run through DDP's wrapped model, whose collectives need the same number of
+        # batches on every rank: equal shards. Test and predict do not (Lightning does not wrap the model there and
+        # the metrics sync once per epoch): their shards cover every row exactly once.
+        self.splits["train"] = Rows(self._source, shard(train, rank, world, equal=True))
+        self.splits["val"] = Rows(self._source, shard(val, rank, world, equal=True))
+        self.splits["test"] = Rows(test_source, shard(test, rank, world, equal=False))
+        max_rows = shard(train, rank, world, equal=False)  # with the rows cut from the shard: the maxima see all
+        if test_source is self._source:
+            self._source.load(np.concatenate([max_rows, self.splits["val"].index, self.splits["test"].index]))
+        else:
+            self._source.load(np.concatenate([max_rows, self.splits["val"].index]))
+            test_source.load(self.splits["test"].index)
         if self.channel_max is None and stage == "fit":
-            if len(self.splits["train"]) == 0:
-                raise SciMLError(f"data.path: no training rows left in {self.path or DEFAULT_FILE}")
-            self._set_channel_max(self._source.channel_max(self.splits["train"].index))
+            self._set_channel_max(self._global_max(self._source.channel_max(max_rows)))
             log.info("per-channel training maxima: %s", np.round(self.channel_max.numpy(), 3).tolist())
-        log.info("HEP data: %s", ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()))
+        where = f" (rank {rank} of {world})" if world > 1 else ""
+        log.info("HEP data%s: %s", where, ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()))
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """This process's rank and the number of ranks; (0, 1) outside a distributed Trainer."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        # Lightning's DistributedSampler would split each rank's shard again. (Private attribute: there is no
+        # public accessor; without it the check is skipped.)
+        if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise SciMLError("HEPDataModule gives each rank its own shard: build the Trainer with "
+                             "use_distributed_sampler=False (sciml does so for modules with shards_by_rank = True)")
+        return trainer.global_rank, trainer.world_size
+
+    def _global_max(self, local: np.ndarray) -> np.ndarray:
+        """The element-wise maximum of `local` over all ranks (every rank must call it)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return local
+        strategy = self.trainer.strategy
+        maxima = torch.as_tensor(local, dtype=torch.float32, device=strategy.root_device)
+        return strategy.reduce(maxima, reduce_op="max").cpu().numpy()
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch,
@@ -217,8 +308,11 @@ class HEPDataModule(pl.LightningDataModule):
         self._set_channel_max(state_dict.get("channel_max"))
 
     def save_predictions(self, predictions: dict[str, np.ndarray], directory: Path) -> None:
-        """Test-set scores as HDF5, with the row of each event in its source file."""
+        """Test-set scores as HDF5, with the row of each event in its source file, in file order (also when the
+        ranks of a distributed run predicted interleaved shards)."""
         source = self.splits["test"].source
+        order = np.argsort(predictions["index"], kind="stable")
+        predictions = {k: v[order] for k, v in predictions.items()}
         index = predictions["index"]
         file_id = np.searchsorted(source.offsets, index, side="right") - 1
         target = directory / "test_scores.h5"

@@ -71,13 +71,14 @@ class ClassificationTask(SciMLTask):
 
     def on_test_epoch_end(self):
         self._log_epoch("test")
-        if self.num_classes == 2 and self.trainer.is_global_zero:
+        if self.num_classes == 2:
             from sciml.plots import plot_roc
 
-            fpr, tpr = self.metrics["test"].curve()
-            plot_roc(fpr.cpu().numpy(), tpr.cpu().numpy(), self.plots_dir / "roc.png",
-                     signal=self.class_names[self.signal_class],
-                     background=self.class_names[1 - self.signal_class])
+            fpr, tpr = self.metrics["test"].curve()  # a collective under DDP: every rank calls it
+            if self.trainer.is_global_zero:
+                plot_roc(fpr.cpu().numpy(), tpr.cpu().numpy(), self.plots_dir / "roc.png",
+                         signal=self.class_names[self.signal_class],
+                         background=self.class_names[1 - self.signal_class])
         self.metrics["test"].reset()
 
     def predict_step(self, batch, batch_idx):
