@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+BEGIN, END = "<!-- large_batch:begin -->", "<!-- large_batch:end -->"
 RECIPES = {
     "SGD + linear scaling + warm-up": [
         "optimizer=sgd", "optimizer.lr={sgd_lr}", "optimizer.momentum=0.9", "optimizer.weight_decay=0.0005",
@@ -107,10 +108,13 @@ def main(argv=None):
     plot = args.out.with_suffix(".png")
     fig.savefig(plot, dpi=110)
 
-    report = ["<!-- written by benchmarks/large_batch.py -->", "", table, "", f"![test AUC vs batch]({plot.name})", "",
-              "Commands:", ""]
-    report += ["    " + shlex.join(["python", *c[1:]]) for c in commands.values()]
-    args.out.write_text("\n".join(report) + "\n")
+    block = [BEGIN, "", table, "", f"![test AUC vs batch]({plot.name})", "", "Commands:", ""]
+    block += ["    " + shlex.join(["python", *c[1:]]) for c in commands.values()]
+    block = "\n".join(block + ["", END])
+    # Only the block between the markers is rewritten: the hand-written reading around it stays.
+    text = args.out.read_text() if args.out.exists() else f"{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    args.out.write_text(head + block + rest.split(END, 1)[1])
     print(table)
 
 
