@@ -96,7 +96,9 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
     metrics = {**fit_metrics, **(_floats(test_metrics[0]) if test_metrics else {})}
     if trainer.is_global_zero:
         _save_predictions(datamodule, predictions, out / "predictions")
-        (out / "metrics.json").write_text(json.dumps(dict(sorted(metrics.items())), indent=2, allow_nan=False))
+        tmp = out / ".metrics.json.tmp"  # written whole, then renamed: readers never see half a file
+        tmp.write_text(json.dumps(dict(sorted(metrics.items())), indent=2, allow_nan=False))
+        tmp.replace(out / "metrics.json")
         log.info("metrics: %s", json.dumps({k: round(v, 5) for k, v in sorted(metrics.items())}))
         log.info("run directory: %s", out)
     return _objective(metrics, cfg.objective)
