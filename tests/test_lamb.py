@@ -10,6 +10,7 @@ from torch import nn
 
 import sciml.optim.lamb as lamb_module
 from sciml.optim import LAMB, lars_param_groups
+import optim_helpers
 
 LRS = (1e-2, 3e-3, 2e-2, 5e-3, 1e-2)
 
@@ -64,18 +65,7 @@ def make_problem(dtype=torch.float64, steps=len(LRS), seed=0):
 
 
 def run_optimizer(weights, grads, lrs, excluded_idx=(), **kwargs):
-    params = [nn.Parameter(w.clone()) for w in weights]
-    groups = [{"params": [p for i, p in enumerate(params) if i not in excluded_idx]}]
-    if excluded_idx:
-        groups.append({"params": [params[i] for i in excluded_idx], "lars_exclude": True})
-    opt = LAMB(groups, lr=lrs[0], **kwargs)
-    for t, lr in enumerate(lrs):
-        for p, g in zip(params, grads[t]):
-            p.grad = None if g is None else g.clone()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-    return [p.detach() for p in params], opt
+    return optim_helpers.run_optimizer(LAMB, weights, grads, lrs, excluded_idx, **kwargs)
 
 
 def cfgs_for(n, excluded_idx, **kw):

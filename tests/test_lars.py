@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sciml.optim import LARS, lars_param_groups
+import optim_helpers
 
 STYLES = ("torch", "paper")
 LRS = (0.5, 0.05, 0.3, 2.0, 0.1)  # changes every step, so the two momentum styles differ
@@ -60,19 +61,7 @@ def make_problem(dtype=torch.float64, steps=len(LRS), seed=0):
 
 
 def run_optimizer(weights, grads, lrs, excluded_idx=(), **kwargs):
-    """LARS on copies of ``weights``, the LR set to ``lrs[t]`` before step t, as a scheduler does."""
-    params = [nn.Parameter(w.clone()) for w in weights]
-    groups = [{"params": [p for i, p in enumerate(params) if i not in excluded_idx]}]
-    if excluded_idx:
-        groups.append({"params": [params[i] for i in excluded_idx], "lars_exclude": True})
-    opt = LARS(groups, lr=lrs[0], **kwargs)
-    for t, lr in enumerate(lrs):
-        for p, g in zip(params, grads[t]):
-            p.grad = None if g is None else g.clone()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-    return [p.detach() for p in params], opt
+    return optim_helpers.run_optimizer(LARS, weights, grads, lrs, excluded_idx, **kwargs)
 
 
 def cfgs_for(n, excluded_idx, **cfg):

@@ -14,6 +14,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from sciml.errors import SciMLError
+from sciml.optim.lars import lars_param_groups
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +32,11 @@ def scaled_lr(lr: float, global_batch: int, base_batch_size: int | None, rule: s
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, exclude_from_decay: bool) -> list[dict]:
-    """One group, or two when biases and normalisation parameters (ndim <= 1) are excluded from weight decay
-    (and, for LARS/LAMB, from the trust ratio: `lars_exclude`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """One group, or the split of `lars_param_groups` (biases and normalisation parameters get no weight decay
+    and, for LARS/LAMB, no trust ratio) without an empty group, which plain torch optimizers would reject."""
     if not exclude_from_decay:
-        return [{"params": params}]
-    decay = [p for p in params if p.ndim > 1]
-    rest = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if rest:
-        groups.append({"params": rest, "weight_decay": 0.0, "lars_exclude": True})
-    return groups
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return [g for g in lars_param_groups(model, weight_decay) if g["params"]]
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module, global_batch: int) -> torch.optim.Optimizer:
