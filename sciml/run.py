@@ -154,15 +154,27 @@ def _gather_on_rank_zero(trainer: pl.Trainer, batches: list | None) -> list | No
 
 
 def _save_predictions(datamodule, batches, directory: Path) -> None:
-    """Concatenate the predict-step outputs and hand them to the plugin's writer (domain format)."""
+    """Concatenate the predict-step outputs and hand them to the plugin's writer (domain format).
+
+    Each key becomes one array, or a list of per-sample arrays when samples differ in shape (whole volumes of
+    different sizes)."""
     if not batches:
         return
-    merged = {key: torch.cat([b[key] for b in batches]).numpy() for key in batches[0]}
+    merged = {}
+    for key in batches[0]:
+        parts = [b[key] for b in batches]
+        if len({p.shape[1:] for p in parts}) == 1:
+            merged[key] = torch.cat(parts).numpy()
+        else:
+            merged[key] = [sample.numpy() for p in parts for sample in p]
     directory.mkdir(parents=True, exist_ok=True)
     writer = getattr(datamodule, "save_predictions", None)
     if writer is None:
         import numpy as np
 
-        np.savez_compressed(directory / "predictions.npz", **merged)
+        arrays = {}
+        for key, value in merged.items():  # per-sample arrays as key_0, key_1, ...
+            arrays |= {f"{key}_{i}": v for i, v in enumerate(value)} if isinstance(value, list) else {key: value}
+        np.savez_compressed(directory / "predictions.npz", **arrays)
     else:
         writer(merged, directory)
