@@ -42,53 +42,80 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--base", type=int, default=128, help="batch size at which the base LRs are given")
-    parser.add_argument("--sgd-lr", type=float, default=0.05)
-    parser.add_argument("--lars-lr", type=float, default=0.5)
+    parser.add_argument("--sgd-lr", default="0.05", help="base LR, or a comma list to sweep")
+    parser.add_argument("--lars-lr", default="0.5", help="base LR, or a comma list to sweep")
     parser.add_argument("--model", default="model.widths=[16,32,32] model.hidden=32",
                         help="model overrides (a smaller net than the default keeps the study affordable on CPU)")
-    parser.add_argument("--sweep-dir", type=Path, default=Path("benchmarks/runs/large_batch"))
+    parser.add_argument("--sweep-dir", type=Path, default=Path("benchmarks/runs/large_batch"),
+                        help="root of the sweeps; the report reads every sweep under it")
+    parser.add_argument("--name", default="main", help="sub-directory name of this invocation's sweeps")
     parser.add_argument("--out", type=Path, default=Path("docs/large-batch.md"))
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from existing sweeps")
     args = parser.parse_args(argv)
 
     commands = {}
-    for i, (name, recipe) in enumerate(RECIPES.items()):
+    for name, recipe in RECIPES.items():
         overrides = [o.format(sgd_lr=args.sgd_lr, lars_lr=args.lars_lr, base=args.base, warmup=args.warmup)
                      for o in recipe]
+        sweep = args.sweep_dir / f"{recipe[0].split('=')[1]}-{args.name}"
         command = [sys.executable, "-m", "sciml", "-m", "+plugin=hep", f"data.path={args.data}",
                    f"trainer.max_epochs={args.epochs}", *shlex.split(args.model), *overrides,
                    f"data.batch_size={args.batch_sizes}", f"seed={args.seeds}", "callbacks.progress_bar=null",
-                   f"hydra.sweep.dir={args.sweep_dir / str(i)}"]
+                   f"hydra.sweep.dir={sweep}"]
         commands[name] = command
         if not args.report_only:
             print("+", shlex.join(command[1:]), flush=True)
             subprocess.run(command, check=False)  # failed jobs are in the summary
 
-    results = defaultdict(list)  # (recipe, batch) -> [(auc, acc, seconds)]
-    for i, name in enumerate(RECIPES):
-        summary = args.sweep_dir / str(i) / "summary.csv"
+    # Every sweep under the root counts: runs are told apart by their overrides (optimizer, batch, base LR).
+    runs = defaultdict(list)  # (recipe, batch, lr) -> [(val auc, test auc, test acc)] over seeds
+    wanted = dict(item.split("=", 1) for item in [*shlex.split(args.model), f"trainer.max_epochs={args.epochs}"])
+    sweeps = []
+    for summary in sorted(args.sweep_dir.glob("*/summary.csv")):
+        used = False
         for row in csv.DictReader(open(summary)):
-            batch = int(next(o.split("=")[1] for o in row["overrides"].split() if o.startswith("data.batch_size=")))
-            if row["status"] == "completed":
-                results[name, batch].append((float(row["test/auc"]), float(row["test/acc"])))
-            else:
-                results[name, batch].append((float("nan"), float("nan")))
+            o = dict(item.split("=", 1) for item in row["overrides"].split() if "=" in item)
+            if any(o.get(k) != v for k, v in wanted.items()):
+                continue
+            name = next(n for n, r in RECIPES.items() if r[0] == f"optimizer={o['optimizer']}")
+            ok = row["status"] == "completed"
+            values = tuple(float(row[k]) if ok else float("nan") for k in ("val/auc_best", "test/auc", "test/acc"))
+            runs[name, int(o["data.batch_size"]), float(o["optimizer.lr"])].append(values)
+            used = True
+        if used:
+            sweeps.append(summary.parent)
+    batches = sorted({b for _, b, _ in runs})
 
-    batches = sorted({b for _, b in results})
-    lines = ["| global batch | " + " | ".join(f"{n}: test AUC | {n}: test acc" for n in RECIPES) + " |",
-             "|---|" + "---|---|" * len(RECIPES)]
+    def best_lr(name, batch):
+        """The base LR with the best mean validation AUC: test numbers are read only for the chosen LR."""
+        lrs = [lr for n, b, lr in runs if n == name and b == batch]
+        return max(lrs, key=lambda lr: np.nan_to_num(np.nanmean(np.array(runs[name, batch, lr])[:, 0]), nan=-1),
+                   default=None)
+
+    def cell(values):
+        v = np.array(values)
+        if np.isnan(v[:, 1]).all():
+            return ["diverged", "diverged"]
+        spread = lambda x: f" ± {np.nanstd(x, ddof=1):.4f}" if np.isfinite(x).sum() > 1 else ""  # noqa: E731
+        failed = f" ({np.isnan(v[:, 1]).sum()} of {len(v)} diverged)" if np.isnan(v[:, 1]).any() else ""
+        return [f"{np.nanmean(v[:, 1]):.4f}{spread(v[:, 1])}{failed}", f"{np.nanmean(v[:, 2]):.4f}"]
+
+    lines = ["| global batch | " + " | ".join(f"{n}: base LR (by val AUC) | test AUC | test acc" for n in RECIPES)
+             + " |", "|---|" + "---|---|---|" * len(RECIPES)]
+    chosen = {}
     for b in batches:
         cells = []
         for name in RECIPES:
-            values = np.array(results[name, b])
-            auc, acc = values[:, 0], values[:, 1]
-            if np.isnan(auc).all():
-                cells += ["diverged", "diverged"]
-                continue
-            spread = lambda v: f" ± {np.nanstd(v, ddof=1):.4f}" if np.isfinite(v).sum() > 1 else ""  # noqa: E731
-            failed = f" ({np.isnan(auc).sum()} of {len(auc)} seeds diverged)" if np.isnan(auc).any() else ""
-            cells += [f"{np.nanmean(auc):.4f}{spread(auc)}{failed}", f"{np.nanmean(acc):.4f}{spread(acc)}"]
+            lr = chosen[name, b] = best_lr(name, b)
+            cells += ["–", "–", "–"] if lr is None else [f"{lr:g}", *cell(runs[name, b, lr])]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += ["", "Every run (base LR at batch %d, scaled linearly; val AUC is the best epoch's):" % args.base, "",
+              "| optimizer | global batch | base LR | seeds | val AUC | test AUC | test acc |",
+              "|---|---|---|---|---|---|---|"]
+    for (name, b, lr), values in sorted(runs.items()):
+        v = np.array(values)
+        lines.append(f"| {name.split(' ')[0]} | {b} | {lr:g} | {len(v)} | {np.nanmean(v[:, 0]):.4f} | "
+                     + " | ".join(cell(values)) + " |")
     table = "\n".join(lines)
 
     import matplotlib
@@ -98,9 +125,10 @@ def main(argv=None):
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name in RECIPES:
-        means = [np.nanmean(np.array(results[name, b])[:, 0]) for b in batches]
-        ax.plot(batches, means, marker="o", label=name)
-    ax.set(xscale="log", xlabel="global batch size", ylabel="test AUC", title="HEP top tagging: large-batch training")
+        xs = [b for b in batches if chosen[name, b] is not None]
+        ax.plot(xs, [np.nanmean(np.array(runs[name, b, chosen[name, b]])[:, 1]) for b in xs], marker="o", label=name)
+    ax.set(xscale="log", xlabel="global batch size", ylabel="test AUC (LR chosen by val AUC)",
+           title="HEP top tagging: large-batch training")
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.grid(alpha=0.3)
     ax.legend()
@@ -109,13 +137,21 @@ def main(argv=None):
     fig.savefig(plot, dpi=110)
 
     block = [BEGIN, "", table, "", f"![test AUC vs batch]({plot.name})", "", "Commands:", ""]
-    block += ["    " + shlex.join(["python", *c[1:]]) for c in commands.values()]
+    block += ["    " + sweep_command(d) for d in sweeps]
     block = "\n".join(block + ["", END])
     # Only the block between the markers is rewritten: the hand-written reading around it stays.
     text = args.out.read_text() if args.out.exists() else f"{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
     args.out.write_text(head + block + rest.split(END, 1)[1])
     print(table)
+
+
+def sweep_command(sweep: Path) -> str:
+    """The command that made a sweep, from Hydra's own record of it (multirun.yaml)."""
+    from omegaconf import OmegaConf
+
+    overrides = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides.task
+    return shlex.join(["python", "-m", "sciml", "-m", *overrides, f"hydra.sweep.dir={sweep}"])
 
 
 if __name__ == "__main__":
