@@ -309,7 +309,8 @@ class ClimateDataModule(pl.LightningDataModule):
         downsample: integer factor; block mean for inputs, block majority for labels.
         labeled_fraction: fraction of the training rows whose labels are used (seeded choice).
         unlabeled: what the other training rows do: `reconstruct` (semi-supervised: they feed the auto-encoder
-            loss only) or `drop` (supervised on the labelled fraction alone).
+            loss only; the labelled rows are repeated to match their number) or `drop` (supervised on the
+            labelled fraction alone).
         batch_size, num_workers: per device.
         val_fraction, test_fraction, split_seed: random split of the time steps of `path`.
         max_memory_gb: a split larger than this is read batch by batch instead of held in memory.
@@ -399,7 +400,12 @@ class ClimateDataModule(pl.LightningDataModule):
         if self.labeled_fraction < 1 and self.unlabeled == "drop":
             self.splits["train"] = Rows(source, train[labeled])
         elif self.labeled_fraction < 1:
-            self.splits["train"] = Rows(source, train, labeled)
+            # the few labelled rows are repeated to balance the unlabelled ones, so that a typical batch holds
+            # both and the segmentation head is not starved (every unlabelled row is still seen once per epoch)
+            repeats = max(1, int(round((~labeled).sum() / labeled.sum())))
+            index = np.concatenate([train[~labeled], np.repeat(train[labeled], repeats)])
+            flags = np.concatenate([np.zeros((~labeled).sum(), bool), np.ones(labeled.sum() * repeats, bool)])
+            self.splits["train"] = Rows(source, index, flags)
         else:
             self.splits["train"] = Rows(source, train)
         self.splits["val"] = Rows(source, val)

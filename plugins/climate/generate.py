@@ -19,7 +19,7 @@ pressure), and `LABELS` (0 background, 1 TC, 2 AR):
    twice as long as wide (Guan & Waliser 2015 style geometry, as the TECA heuristics behind ClimateNet-like labels).
 4. Annotator disagreement: each snapshot's TC and AR masks are dilated by one pixel with probability 0.3.
 
-Every snapshot draws from its own seed (seed, file, step), so the output does not depend on how it is chunked.
+Every snapshot draws from its own seed (seed, file index, step): a file is reproducible on its own.
 """
 from __future__ import annotations
 
@@ -288,7 +288,7 @@ def generate_file(path: Path, file_index: int, steps: int, seed: int, config: Ge
     gen = Generator(config)
     fields = {k: np.empty((steps, config.nlat, config.nlon), np.float32) for k in VARIABLE_ATTRS}
     labels = np.empty((steps, config.nlat, config.nlon), np.uint8)
-    for t in range(steps):  # one seed per snapshot: the output does not depend on files x steps chunking
+    for t in range(steps):  # one seed per snapshot
         rng = np.random.default_rng([seed, file_index, t])
         snap, labels[t] = gen.snapshot(rng)
         for k in fields:
