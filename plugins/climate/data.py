@@ -355,8 +355,8 @@ class ClimateDataModule(pl.LightningDataModule):
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
-        split = self.splits.get("train") or self.splits.get("test")
-        return split.source.shape if split is not None else None
+        split = self.splits["train"] if "train" in self.splits else self.splits.get("test")
+        return None if split is None else split.source.shape
 
     def setup(self, stage: str) -> None:
         """Open the files and split the time steps (seeded). Fitting also computes the normalisation statistics and
