@@ -57,7 +57,7 @@ def test_run_directory(trained_run, data_dir):
     assert (trained_run / "plots" / "map_0.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def regional_file(path):
+def regional_file(path, labels=True):
     """Another tool's file: written with netCDF4 directly, a regional 0-60 N, 160-20 W box on a 1 x 1.5 degree grid
     (not a multiple of the network stride), latitudes north to south, longitudes -180..180, int64 labels, and an
     extra variable."""
@@ -77,8 +77,9 @@ def regional_file(path):
         for name in ("T200", "PSL", "TMQ", "V850", "U850"):
             values = np.stack([s[0].get(name, s[0]["TMQ"])[np.ix_(lat_sel, lon_sel)] for s in snaps])
             nc.createVariable(name, "f4", ("time", "lat", "lon"))[:] = values
-        nc.createVariable("LABELS", "i8", ("time", "lat", "lon"))[:] = np.stack(
-            [s[1][np.ix_(lat_sel, lon_sel)] for s in snaps])
+        if labels:
+            nc.createVariable("LABELS", "i8", ("time", "lat", "lon"))[:] = np.stack(
+                [s[1][np.ix_(lat_sel, lon_sel)] for s in snaps])
     return path
 
 
@@ -108,6 +109,20 @@ def test_trained_run_predicts_a_regional_file_on_its_own_grid(trained_run, tmp_p
     with torch.no_grad():
         expected = net.eval()(x).argmax(1).numpy()
     assert (pred["LABELS_PRED"].values == expected).mean() > 0.999
+
+
+def test_unlabelled_file_is_predicted_not_scored(trained_run, tmp_path):
+    user_file = regional_file(tmp_path / "new_model_output.nc", labels=False)
+    out = tmp_path / "eval"
+    result = sciml("+plugin=climate", "train=false", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+                   f"data.test_path={user_file}", f"hydra.run.dir={out}", *FAST)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "predictions only, no test metrics" in result.stdout + result.stderr
+    assert not any(k.startswith("test/") for k in json.loads((out / "metrics.json").read_text()))
+    pred = xr.open_dataset(out / "predictions" / "new_model_output_pred.nc")
+    src = xr.open_dataset(user_file)
+    assert "LABELS" not in pred and pred["LABELS_PRED"].shape == (2, src.sizes["lat"], src.sizes["lon"])
+    assert (out / "plots" / "map_0.png").is_file()
 
 
 def test_semi_supervised_run(data_dir, tmp_path):

@@ -292,6 +292,9 @@ class Rows(Dataset):
                  self.source.read(self.index[positions]).items()}
         if self.labeled is not None:
             batch["labeled"] = torch.from_numpy(self.labeled[positions])
+        if "y" not in batch:  # files without labels: predicted, never scored
+            batch["y"] = torch.zeros((len(positions), *self.source.shape[1:]), dtype=torch.int64)
+            batch["labeled"] = torch.zeros(len(positions), dtype=torch.bool)
         return batch
 
 
@@ -365,9 +368,10 @@ class ClimateDataModule(pl.LightningDataModule):
             self._setup_path()
         if "test" not in self.splits and self.test_path:
             test = self._fields(self.test_path, "data.test_path")
-            if not test.has_labels and stage in ("fit", "test"):
-                raise SciMLError(f"data.test_path: {test.files[0]} has no '{self.labels}' variable to score "
-                                 "predictions against")
+            if not test.has_labels:
+                log.warning("data.test_path: no '%s' variable in %s: predictions only, no test metrics",
+                            self.labels, ", ".join(str(f) for f, ds in zip(test.files, test.datasets)
+                                                   if self.labels not in ds))
             test.load(np.arange(len(test)))
             self.splits["test"] = Rows(test, np.arange(len(test)))
             log.info("test files: %s (grid %d x %d)", ", ".join(map(str, test.files)), *test.shape[1:])
