@@ -4,7 +4,8 @@ optimizer steps (validated every 20 steps; the checkpoint with the best validati
 configuration is one `python -m sciml +plugin=climate` run; the table is printed as Markdown and written to
 OUT/summary.md. One thread per run: on a shared machine two threads per process are many times slower.
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/climate_semi_supervised.py --out runs/climate_semi --steps 240 --seeds 0 1
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/climate_semi_supervised.py --out runs/climate_semi \
+        --steps 240 --seeds 0 1
 
 Defaults: the embedded sample (160 global 96 x 144 snapshots: 112 train, 24 validation, 24 test), cropped to the
 Northern Hemisphere 0-66 N (35 x 144 grid points) and a narrower network (widths 8, 16, 32) so that six runs fit in
@@ -39,9 +40,11 @@ def main(argv=None) -> int:
     rows = []
     for seed in args.seeds:
         for name, overrides in CONFIGS.items():
-            run_dir = args.out / f"seed{seed}" / name.split(",")[0].replace("-", "_") / overrides[0].split("=")[1]
+            kind = name.split(",")[0].replace("-", "_")
+            run_dir = args.out / f"seed{seed}" / kind / overrides[0].split("=")[1]
             command = [sys.executable, "-m", "sciml", "+plugin=climate", *overrides, f"seed={seed}",
-                       f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1", "trainer.check_val_every_n_epoch=null",
+                       f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1",
+                       "trainer.check_val_every_n_epoch=null",
                        f"+trainer.val_check_interval={args.val_every}", "callbacks.progress_bar=null",
                        f"hydra.run.dir={run_dir}", *args.overrides]
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an older one

@@ -44,7 +44,8 @@ CLASS_NAMES = ("background", "tropical_cyclone", "atmospheric_river")
 VARIABLE_ATTRS = {
     "TMQ": {"long_name": "Total (vertically integrated) precipitable water", "units": "kg m-2",
             "standard_name": "atmosphere_mass_content_of_water_vapor"},
-    "U850": {"long_name": "Zonal wind at 850 mbar pressure surface", "units": "m s-1", "standard_name": "eastward_wind"},
+    "U850": {"long_name": "Zonal wind at 850 mbar pressure surface", "units": "m s-1",
+             "standard_name": "eastward_wind"},
     "V850": {"long_name": "Meridional wind at 850 mbar pressure surface", "units": "m s-1",
              "standard_name": "northward_wind"},
     "PSL": {"long_name": "Sea level pressure", "units": "Pa", "standard_name": "air_pressure_at_mean_sea_level"},
