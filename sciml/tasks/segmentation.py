@@ -206,6 +206,8 @@ class SegmentationTask(SciMLTask):
             self.regions[stage].update(pred, y, spacing)
 
     def _log_epoch(self, stage: str) -> None:
+        if not self.losses[stage].update_called:  # no labelled rows (unlabelled files are predicted, not scored)
+            return
         values = self.epoch_metrics(stage)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
         self.losses[stage].reset()
