@@ -106,7 +106,7 @@ class OptunaSweeper(Sweeper):
             returns.extend(results)
 
         best = report.write(study, sweep_dir, objectives, self._base_overrides(distributions))
-        failed = sum(t.state == TrialState.FAIL and t.user_attrs.get("error")
+        failed = sum(t.state == TrialState.FAIL and bool(t.user_attrs.get("error"))
                      for t in study.get_trials(deepcopy=False))
         if best is None:
             errors = [t.user_attrs["error"] for t in study.get_trials(deepcopy=False) if t.user_attrs.get("error")]

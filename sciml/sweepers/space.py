@@ -46,7 +46,7 @@ def distribution(override: Override) -> BaseDistribution:
     if override.is_range_sweep():
         values = list(override.sweep_iterator())
         if not values:
-            raise SweepError(f"search space: {key}={override.get_value_element_as_str()} is empty")
+            raise SweepError(f"search space: {override.input_line} is empty")
         if all(isinstance(v, int) for v in values):
             return IntDistribution(values[0], values[-1], step=int(value.step)) if value.step > 0 else \
                 CategoricalDistribution(values)
