@@ -136,6 +136,8 @@ def test_resume_counts_trials_in_total_and_reruns_interrupted_ones(tmp_path):
     rerun = [t for t in trials if t.user_attrs.get("rerun_of") == interrupted.number]
     assert len(rerun) == 1 and rerun[0].params["x"] == interrupted.params["x"] and rerun[0].state.name == "COMPLETE"
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [0, 1, 2, 4, 5, 6]
+    rows = {int(r["trial"]): r["state"] for r in csv.DictReader(open(tmp_path / "trials.csv"))}
+    assert rows[interrupted.number] == "interrupted" and list(rows.values()).count("complete") == 6
     _sweeper(tmp_path, sampler="tpe", n_trials=6).sweep(["x=interval(-5,5)"])  # already done: nothing launched
     assert len(_study(tmp_path).trials) == len(trials)
 

@@ -62,7 +62,10 @@ def _front(study: optuna.Study, objectives: list[str]) -> list[FrozenTrial]:
 
 def _row(trial: FrozenTrial, objectives: list[str], params: list[str]) -> dict:
     values = trial.values if trial.values is not None else [None] * len(objectives)
-    return {"trial": trial.number, "state": trial.state.name.lower(), **dict(zip(objectives, values)),
+    state = trial.state.name.lower()
+    if trial.state == TrialState.FAIL and not trial.user_attrs.get("evaluated"):
+        state = "interrupted"  # running when a sweep was killed; asked again on resume
+    return {"trial": trial.number, "state": state, **dict(zip(objectives, values)),
             **{p: trial.user_attrs.get("params_overrides", {}).get(p, trial.params.get(p, "")) for p in params},
             "job_dir": trial.user_attrs.get("job_dir", ""), "error": trial.user_attrs.get("error", "")}
 
@@ -119,8 +122,8 @@ def _plot(study: optuna.Study, front: list[FrozenTrial], objectives: list[str], 
         ax.set_ylabel(objectives[0])
         if _positive(done, 1) and max(t.values[1] for t in done) > 20 * min(t.values[1] for t in done):
             ax.set_xscale("log")  # parameter counts span decades
-    failed = sum(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False))
-    ax.set_title(f"{len(done)} trials completed, {failed} failed", fontsize=10)
+    failed = sum(t.state == TrialState.FAIL and bool(t.user_attrs.get("error")) for t in study.get_trials(deepcopy=False))
+    ax.set_title(f"{len(done)} trials completed, {failed} failed", fontsize=10)  # interrupted ones are not counted
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
