@@ -22,7 +22,7 @@ import yaml
 
 
 def train(name: str, model_overrides: list[str], out: Path, epochs: int, seeds: list[int], extra: list[str]) -> dict:
-    sweep = out / name
+    sweep = out / name.replace(" ", "_")
     cmd = [sys.executable, "-m", "sciml", "-m", "+plugin=hep", "hydra/launcher=local_parallel",
            f"hydra.sweep.dir={sweep}", f"trainer.max_epochs={epochs}", "callbacks.progress_bar=null",
            "trainer.enable_model_summary=false", f"seed={','.join(map(str, seeds))}", *extra, *model_overrides]
