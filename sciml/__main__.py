@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sciml import plugins, searchpath
+from sciml import plugins, searchpath, sweepers
 from sciml.errors import SciMLError
 
 # Hydra flags that only print information: they need no plugin.
@@ -84,6 +84,7 @@ def main() -> None:
         print(f"sciml: error: {exc}", file=sys.stderr)
         sys.exit(2)
     searchpath.register()
+    sweepers.register()  # hydra/sweeper=optuna
     OmegaConf.register_new_resolver("sciml.launch_id", launch_id, replace=True)
     _hydra_main()
 

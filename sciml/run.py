@@ -94,6 +94,8 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
     predictions = _gather_on_rank_zero(trainer, trainer.predict(task, datamodule=datamodule, ckpt_path=test_ckpt))
 
     metrics = {**fit_metrics, **(_floats(test_metrics[0]) if test_metrics else {})}
+    # the network's size, an objective of architecture searches (sciml/sweepers)
+    metrics["model/params"] = float(sum(p.numel() for p in task.model.parameters()))
     if trainer.is_global_zero:
         _save_predictions(datamodule, predictions, out / "predictions")
         tmp = out / ".metrics.json.tmp"  # written whole, then renamed: readers never see half a file

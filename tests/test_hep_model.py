@@ -28,3 +28,31 @@ def test_invalid_configuration():
         KurthCNN(kernel_size=4)
     with pytest.raises(ValueError, match="below one pixel"):
         KurthCNN(image_size=8, widths=(8, 8, 8, 8))
+
+
+def test_architecture_options_for_searches():
+    model = KurthCNN(image_size=16, widths=[8, 16], kernel_size=[5, 3], pool="avg", batch_norm=True, hidden=0)
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 2)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(5, 5), (3, 3)] and all(c.bias is None for c in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 2
+    assert sum(isinstance(m, nn.AvgPool2d) for m in model.modules()) == 2
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+
+
+def test_default_network_is_the_reference_layout():
+    """The search options add nothing to the default network: same layers, same parameter count as written out."""
+    model = KurthCNN(widths=(32, 64, 64), hidden=64)
+    names = [type(m).__name__ for m in model.features]
+    assert names == ["Conv2d", "ReLU", "MaxPool2d"] * 3
+    convs = (3 * 9 * 32 + 32) + (32 * 9 * 64 + 64) + (64 * 9 * 64 + 64)
+    assert sum(p.numel() for p in model.parameters()) == convs + (64 * 5 * 5 * 64 + 64) + (64 * 2 + 2)
+
+
+def test_invalid_search_options():
+    with pytest.raises(ValueError, match="2 entries for 3 units"):
+        KurthCNN(kernel_size=[3, 5])
+    with pytest.raises(ValueError, match="model.pool must be one of max, avg"):
+        KurthCNN(pool="min")
+    with pytest.raises(ValueError, match="non-empty list"):
+        KurthCNN(widths=[])

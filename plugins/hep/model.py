@@ -1,10 +1,15 @@
 """The network of Kurth et al. 2017 / NERSC hep_cnn_benchmark: units of conv + ReLU + 2x2 max-pool, no batch
-norm, dropout, a small fully connected head. Depth, widths, kernel size and dropout are configuration, so that
-architecture searches can vary them."""
+norm, dropout, a small fully connected head. The architecture is configuration, so that architecture searches
+(docs/sweeps.md) can vary it: depth and widths (`widths`), kernel sizes (one, or one per unit), pooling kind, batch
+norm, the hidden layer and dropout. The defaults build the reference network."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+_POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
 
 class KurthCNN(nn.Module):
@@ -13,24 +18,37 @@ class KurthCNN(nn.Module):
         in_channels: image channels (3: EM energy, hadronic energy, track multiplicity).
         image_size: height = width of the input images.
         widths: filters of each conv unit; its length is the depth.
-        kernel_size: odd conv kernel size ("same" padding keeps the pooling arithmetic simple).
+        kernel_size: odd conv kernel size, or one per unit ("same" padding keeps the pooling arithmetic simple).
         hidden: width of the fully connected layer (0: none).
         dropout: before each fully connected layer.
         num_classes: output logits.
+        pool: 2x2 pooling after each unit, "max" (the reference) or "avg".
+        batch_norm: batch norm after each conv (the reference has none).
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 40, widths: tuple[int, ...] = (64, 128, 128),
-                 kernel_size: int = 3, hidden: int = 128, dropout: float = 0.5, num_classes: int = 2):
+    def __init__(self, in_channels: int = 3, image_size: int = 40, widths: Sequence[int] = (64, 128, 128),
+                 kernel_size: int | Sequence[int] = 3, hidden: int = 128, dropout: float = 0.5,
+                 num_classes: int = 2, pool: str = "max", batch_norm: bool = False):
         super().__init__()
-        if kernel_size % 2 == 0:
+        widths = list(widths)
+        if not widths or min(widths) < 1:
+            raise ValueError(f"model.widths must be a non-empty list of positive filter counts, got {widths}")
+        kernels = [kernel_size] * len(widths) if isinstance(kernel_size, int) else list(kernel_size)
+        if len(kernels) != len(widths):
+            raise ValueError(f"model.kernel_size has {len(kernels)} entries for {len(widths)} units (model.widths)")
+        if any(k % 2 == 0 or k < 1 for k in kernels):
             raise ValueError(f"model.kernel_size must be odd, got {kernel_size}")
+        if pool not in _POOLS:
+            raise ValueError(f"model.pool must be one of {', '.join(_POOLS)}, got '{pool}'")
         if image_size // 2 ** len(widths) < 1:
             raise ValueError(f"model.widths: {len(widths)} pooling units shrink a {image_size}x{image_size} "
                              "image below one pixel")
         units, channels = [], in_channels
-        for width in widths:
-            units += [nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2), nn.ReLU(inplace=True),
-                      nn.MaxPool2d(2)]
+        for width, kernel in zip(widths, kernels):
+            units.append(nn.Conv2d(channels, width, kernel, padding=kernel // 2, bias=not batch_norm))
+            if batch_norm:
+                units.append(nn.BatchNorm2d(width))
+            units += [nn.ReLU(inplace=True), _POOLS[pool](2)]
             channels = width
         self.features = nn.Sequential(*units)
         flat = channels * (image_size // 2 ** len(widths)) ** 2
@@ -42,7 +60,8 @@ class KurthCNN(nn.Module):
         for m in self.modules():  # He initialisation, as in the reference
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
