@@ -1,0 +1,83 @@
+"""Leave-one-case-out evaluation of the tumor plugin: how well the default model segments a brain it has not seen.
+
+For each case of the data (default: the four embedded BRATS 2015 cases), train the default configuration on the
+other cases with sciml's CLI and test it on the held-out case (no validation case: the checkpoint is the one
+with the lowest training loss, so nothing of the held-out case steers training). Writes a Markdown table of Dice
+and HD95 per case and region, their means, and the wall time of each fold.
+
+    nice -n 10 python benchmarks/tumor_loco.py --out benchmarks/results/tumor_loco.md [sciml overrides ...]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sciml_plugins.tumor.data import DEFAULT_PATH
+from sciml_plugins.tumor.reader import find_cases
+
+REGIONS = ("wt", "tc", "et")
+
+
+def fold(case: str, run_dir: Path, data: str | None, overrides: list[str]) -> dict:
+    command = [sys.executable, "-m", "sciml", "+plugin=tumor", "data.train_cases=rest", f"data.test_cases=[{case}]",
+               "data.val_cases=0", "monitor=train/seg_loss", "monitor_mode=min", f"hydra.run.dir={run_dir}",
+               "callbacks.progress_bar=null", *([f"data.path={data}"] if data else []), *overrides]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise SystemExit(f"fold {case} failed:\n{result.stderr[-3000:]}")
+    with open(run_dir / "test_per_case.csv") as f:
+        row = next(csv.DictReader(f))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"case": case, "seconds": seconds, **{k: float(v) for k, v in row.items() if k != "case"},
+            "samples_per_s": metrics.get("train/samples_per_s", math.nan), "command": " ".join(command[1:])}
+
+
+def table(rows: list[dict]) -> str:
+    def cell(v):
+        return "–" if math.isnan(v) else f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+    head = ["case", *(f"Dice {r.upper()}" for r in REGIONS), *(f"HD95 {r.upper()} (mm)" for r in REGIONS),
+            "wall time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        values = [row[f"dice_{r}"] for r in REGIONS] + [row[f"hd95_{r}"] for r in REGIONS]
+        lines.append(f"| {row['case']} | " + " | ".join(cell(v) for v in values) + f" | {row['seconds']:.0f} |")
+    means = []
+    for key in [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]:
+        finite = [row[key] for row in rows if not math.isnan(row[key])]
+        means.append(sum(finite) / len(finite) if finite else math.nan)
+    lines.append("| **mean** | " + " | ".join(f"**{cell(v)}**" for v in means) + " | |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="folder of case folders (default: the embedded cases)")
+    parser.add_argument("--run-dir", type=Path, default=Path("benchmarks/runs/tumor_loco"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tumor_loco.md"))
+    parser.add_argument("overrides", nargs="*", help="extra sciml overrides, applied to every fold")
+    args = parser.parse_args(argv)
+    cases = [c.name for c in find_cases(args.data or DEFAULT_PATH, ["Flair*", "T1c*"], "OTMultiClass*", None)]
+    rows = []
+    for case in sorted(cases):
+        rows.append(fold(case, args.run_dir / case, args.data, args.overrides))
+        print(f"{case}: " + ", ".join(f"{k} {rows[-1][k]:.3f}" for k in ("dice_wt", "dice_tc", "dice_et",
+                                                                             "hd95_wt")), flush=True)
+    text = (f"Leave-one-case-out, {len(rows)} folds: train on the other cases, test on the one named.\n\n"
+            f"    nice -n 10 python benchmarks/tumor_loco.py {' '.join(args.overrides)}\n\n{table(rows)}\n\n"
+            f"Fold command (one case): `python {rows[0]['command']}`\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
