@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ def fold(case: str, run_dir: Path, data: str | None, overrides: list[str]) -> di
     command = [sys.executable, "-m", "sciml", "+plugin=tumor", "data.train_cases=rest", f"data.test_cases=[{case}]",
                "data.val_cases=0", "monitor=train/seg_loss", "monitor_mode=min", f"hydra.run.dir={run_dir}",
                "callbacks.progress_bar=null", *([f"data.path={data}"] if data else []), *overrides]
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: sciml would resume from an old last.ckpt
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start

@@ -6,10 +6,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.inferers import SliceInferer
 from test_tumor_reader import AFFINE, write_case, write_cases
 
 from sciml.errors import SciMLError
 from sciml_plugins.tumor.data import BraTSDataModule
+from sciml_plugins.tumor.inference import IslandRemovingInferer, small_islands
 from sciml_plugins.tumor.model import SliceUNet
 
 
@@ -136,3 +138,26 @@ def test_network_fits_the_data_and_any_slice_size(cases):
     assert dm.input_shape == (2, 32, 32)
     with pytest.raises(ValueError, match="model.strides"):
         SliceUNet(channels=(4, 8, 16), strides=(2,))
+
+
+def test_islands_below_a_fraction_of_the_largest_tumour_component_are_removed():
+    mask = np.zeros((30, 30, 30), bool)
+    mask[2:12, 2:12, 2:12] = True  # 1000 voxels
+    mask[20:25, 20:25, 20:28] = True  # 200 voxels: kept at 10 %
+    mask[20:22, 2:7, 2:7] = True  # 50 voxels: removed
+    mask[12, 12, 12] = True  # touches the big cube at a corner only: part of it (26-connectivity)
+    removed = small_islands(mask, 0.1)
+    assert removed.sum() == 50 and removed[20:22, 2:7, 2:7].all() and not removed[12, 12, 12]
+
+    def network(x):  # class 2 where channel 0 is set, background elsewhere
+        return torch.stack([1 - x[:, 0], 0 * x[:, 0], 2 * x[:, 0], 0 * x[:, 0], 0 * x[:, 0]], 1)
+
+    volume = torch.zeros(1, 2, 30, 30, 30)
+    volume[0, 0] = torch.from_numpy(mask).float()
+    inferer = IslandRemovingInferer(SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=8),
+                                    min_fraction=0.1)
+    labels = inferer(volume, network).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(labels > 0, mask & ~removed)
+    assert (labels[mask & ~removed] == 2).all()
+    kept_all = IslandRemovingInferer(SliceInferer(roi_size=(-1, -1), spatial_dim=2), min_fraction=0)
+    np.testing.assert_array_equal(kept_all(volume, network).argmax(1)[0].numpy() > 0, mask)
