@@ -88,7 +88,7 @@ class BraTSDataModule(pl.LightningDataModule):
                  modalities: list[str] = ("Flair*", "T1c*"), label: str | None = "OTMultiClass*",
                  mask: str | None = "brainmask*", label_convention: str = "brats2015",
                  train_cases="all", val_cases=1, test_cases="all", batch_size: int = 16, patch_size: int = 128,
-                 samples_per_epoch: int = 1024, tumour_fraction: float = 0.7, augment: bool = True,
+                 samples_per_epoch: int = 512, tumour_fraction: float = 0.7, augment: bool = True,
                  rotation_deg: float = 15.0, scale: float = 0.1, intensity: float = 0.1, margin: int = 4,
                  num_workers: int = 0, seed: int = 0):
         super().__init__()
