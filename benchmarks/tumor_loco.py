@@ -53,6 +53,9 @@ def fold(case: str, run_dir: Path, data: str | None, overrides: list[str], reuse
                    if k != "case"}}
     command = [sys.executable, "-m", "sciml", "+plugin=tumor", "data.train_cases=rest", f"data.test_cases=[{case}]",
                "data.val_cases=0", "monitor=train/seg_loss", "monitor_mode=min", f"hydra.run.dir={run_dir}",
+               # without validation, Lightning saves checkpoints at the end of training epochs only if validation
+               # would run every epoch
+               "trainer.check_val_every_n_epoch=1",
                "callbacks.progress_bar=null", *([f"data.path={data}"] if data else []), *overrides]
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: sciml would resume from an old last.ckpt
     start = time.perf_counter()

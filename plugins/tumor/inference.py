@@ -3,7 +3,8 @@
 A glioma is one lesion (occasionally a few large ones); isolated specks of predicted tumour far from it are
 false positives, most often in anatomy that a small training set covers thinly (skull base, cerebellum). After the
 wrapped MONAI inferer has segmented the volume, connected components of the whole tumour (26-connectivity)
-smaller than `min_fraction` of the largest are set to background. The change is made to the logits, so that
+smaller than `min_fraction` of the largest are set to background: 1 keeps the largest component only (the plugin's
+default), 0.1 also keeps satellites of at least a tenth of its size, 0 keeps everything. The change is made to the logits, so that
 metrics, loss and the written predictions all see the same segmentation.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ class IslandRemovingInferer:
             (0: keep everything).
     """
 
-    def __init__(self, inferer, min_fraction: float = 0.1):
+    def __init__(self, inferer, min_fraction: float = 1.0):
         if not 0 <= min_fraction <= 1:
             raise ValueError(f"task.inferer.min_fraction must be in [0, 1], got {min_fraction}")
         self.inferer = instantiate(inferer) if isinstance(inferer, (DictConfig, dict)) else inferer
