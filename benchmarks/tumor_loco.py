@@ -93,7 +93,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="folder of case folders (default: the embedded cases)")
     parser.add_argument("--run-dir", type=Path, default=Path("benchmarks/runs/tumor_loco"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tumor_loco.md"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/runs/tumor_loco/results.md"))
     parser.add_argument("--full-size", type=Path, default=None, help="folder of the original case folders")
     parser.add_argument("--reuse", action="store_true", help="keep folds that were already trained")
     parser.add_argument("--jobs", type=int, default=1, help="folds run at the same time")
