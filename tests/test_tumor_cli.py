@@ -80,3 +80,25 @@ def test_bad_case_folder_is_one_line(tmp_path):
     output = result.stdout + result.stderr
     assert "case c0: no NIfTI file matching 'T1c*'" in output and "Traceback" not in output
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_default_run_on_the_embedded_cases(tmp_path):
+    """`python -m sciml +plugin=tumor` as shipped: trains on the four embedded BRATS cases and writes the BraTS
+    metrics, one NIfTI per case in the input grid, and the overlays (minutes on 2 cores)."""
+    from sciml_plugins.tumor.data import DEFAULT_PATH
+
+    run_dir = tmp_path / "run"
+    result = sciml("+plugin=tumor", f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", timeout=3600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test/dice_wt", "test/dice_tc", "test/dice_et", "test/hd95_wt"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["test/dice_wt"] > 0.8 and metrics["test/hd95_wt"] < 20
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name == "last.ckpt") == ["last.ckpt"]
+    for case in sorted(p for p in DEFAULT_PATH.iterdir() if p.is_dir()):
+        prediction = nib.load(run_dir / "predictions" / f"{case.name}_seg.nii.gz")
+        flair = nib.load(case / "Flair_subtrMeanDivStd.nii.gz")
+        assert prediction.shape == flair.shape
+        np.testing.assert_allclose(prediction.affine, flair.affine)
+        assert (run_dir / "plots" / f"overlay_{case.name}.png").is_file()
