@@ -1,0 +1,104 @@
+"""`python -m sciml +plugin=tumor` as a user runs it, on small synthetic case folders: the run directory, NIfTI
+predictions that are what was scored, overlays, a test-only run on unseen cases in another label convention, and
+errors in data named in one line."""
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import sciml
+from test_tumor_reader import write_case, write_cases
+
+# Seconds, not minutes: tiny volumes, a tiny network, few steps.
+FAST = ["data.patch_size=32", "data.batch_size=8", "data.samples_per_epoch=64", "model.channels=[8,16,32]",
+        "model.strides=[2,2]", "model.downsample=1", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1",
+        "optimizer.lr=0.01", "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+
+
+def dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cases = write_cases(tmp_path_factory.mktemp("cases"), 4, shape=(36, 40, 12))
+    run_dir = tmp_path_factory.mktemp("runs") / "tumor"
+    result = sciml("+plugin=tumor", f"data.path={cases}", "data.train_cases=rest", "data.test_cases=2",
+                   f"hydra.run.dir={run_dir}", *FAST)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cases, run_dir
+
+
+def test_run_directory_contract(trained):
+    cases, run_dir = trained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test/dice_wt", "test/dice_tc", "test/dice_et", "test/hd95_wt", "test/hd95_tc", "test/hd95_et",
+                "test/iou_edema", "val/dice_wt", "train/loss"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["test/dice_wt"] > 0.5, "the synthetic tumours are bright in FLAIR: easy to find"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    with open(run_dir / "test_per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    # the NIfTI predictions are in the input grid, and they are exactly what was scored
+    for row, name in zip(rows, ["case02", "case03"]):
+        prediction = nib.load(run_dir / "predictions" / f"{name}_seg.nii.gz")
+        truth = nib.load(cases / name / "OTMultiClass.nii.gz")
+        assert prediction.shape == truth.shape
+        np.testing.assert_allclose(prediction.affine, truth.affine)
+        p, t = np.asarray(prediction.dataobj), np.asarray(truth.dataobj)
+        assert set(np.unique(p).tolist()) <= {0, 1, 2, 3, 4}
+        for region, classes in {"wt": [1, 2, 3, 4], "tc": [1, 3, 4]}.items():
+            assert dice(np.isin(p, classes), np.isin(t, classes)) == pytest.approx(float(row[f"dice_{region}"]),
+                                                                                   abs=1e-4)
+        assert (run_dir / "plots" / f"overlay_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_test_only_run_on_unseen_cases_in_another_convention(trained, tmp_path):
+    _, run_dir = trained
+    unseen = tmp_path / "unseen"
+    truth = write_case(unseen / "new_case", shape=(44, 40, 14), seed=17, convention="brats2023")
+    out = tmp_path / "eval"
+    result = sciml("+plugin=tumor", "train=false", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                   f"data.test_path={unseen}", "data.path=/nonexistent", "data.label_convention=brats2023",
+                   f"hydra.run.dir={out}", *FAST)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test/dice_wt"] > 0.5 and not any(k.startswith("train/") for k in metrics)
+    written = np.asarray(nib.load(out / "predictions" / "new_case_seg.nii.gz").dataobj)
+    assert written.shape == (44, 40, 14) and set(np.unique(written).tolist()) <= {0, 1, 2, 3}  # BraTS 2023 values
+    assert dice(written > 0, truth["labels"] > 0) == pytest.approx(metrics["test/dice_wt"], abs=1e-4)
+
+
+def test_bad_case_folder_is_one_line(tmp_path):
+    write_case(tmp_path / "cases" / "c0", skip=("t1c",))
+    result = sciml("+plugin=tumor", f"data.path={tmp_path / 'cases'}", f"hydra.run.dir={tmp_path / 'run'}", *FAST)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "case c0: no NIfTI file matching 'T1c*'" in output and "Traceback" not in output
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_default_run_on_the_embedded_cases(tmp_path):
+    """`python -m sciml +plugin=tumor` as shipped: trains on the four embedded BRATS cases and writes the BraTS
+    metrics, one NIfTI per case in the input grid, and the overlays (minutes on 2 cores)."""
+    from sciml_plugins.tumor.data import DEFAULT_PATH
+
+    run_dir = tmp_path / "run"
+    result = sciml("+plugin=tumor", f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", timeout=3600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test/dice_wt", "test/dice_tc", "test/dice_et", "test/hd95_wt"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["test/dice_wt"] > 0.8 and metrics["test/hd95_wt"] < 20
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name == "last.ckpt") == ["last.ckpt"]
+    for case in sorted(p for p in DEFAULT_PATH.iterdir() if p.is_dir()):
+        prediction = nib.load(run_dir / "predictions" / f"{case.name}_seg.nii.gz")
+        flair = nib.load(case / "Flair_subtrMeanDivStd.nii.gz")
+        assert prediction.shape == flair.shape
+        np.testing.assert_allclose(prediction.affine, flair.affine)
+        assert (run_dir / "plots" / f"overlay_{case.name}.png").is_file()
