@@ -20,6 +20,10 @@ class Throughput(pl.Callback):
     validation is not.
     """
 
+    def __init__(self):
+        # A run resumed from the checkpoint of its last epoch gets on_train_epoch_end without a start.
+        self._start, self._last, self._samples = 0.0, None, 0
+
     def on_train_epoch_start(self, trainer, pl_module):
         self._start, self._last, self._samples = time.perf_counter(), None, 0
 

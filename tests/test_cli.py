@@ -80,6 +80,11 @@ def test_interrupted_run_resumes_in_place(tmp_path, data_file):
     with open(run_dir / "logs" / "metrics.csv") as f:
         epochs = {row["epoch"] for row in csv.DictReader(f) if row.get("val/loss")}
     assert epochs == {"1", "2"}, "the resumed run trained epochs 1 and 2 only"
+    (run_dir / "metrics.json").unlink()
+    again = sciml("+plugin=hep", f"data.path={data_file}", f"hydra.run.dir={run_dir}", *FAST,
+                  "trainer.max_epochs=3")  # already complete: nothing to train, test and predict again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "test/auc" in json.loads((run_dir / "metrics.json").read_text())
 
 
 def _one_line_error(result, *fragments):
