@@ -2,5 +2,6 @@
 network (an nn.Module) and the data (a LightningDataModule)."""
 from sciml.tasks.base import SciMLTask
 from sciml.tasks.classification import ClassificationTask
+from sciml.tasks.regression import RegressionTask
 
-__all__ = ["SciMLTask", "ClassificationTask"]
+__all__ = ["SciMLTask", "ClassificationTask", "RegressionTask"]
