@@ -1,7 +1,6 @@
 """The hail plugin from the command line: classification and regression on patches, the tabular mode on the real
 storm table with an unseen day as data.test_path, test-only runs from a checkpoint, and errors."""
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -65,33 +64,50 @@ def test_patch_regression_run(patch_dir, tmp_path):
     assert (run_dir / "plots" / "regression.png").is_file() and (run_dir / "plots" / "reliability.png").is_file()
 
 
+def _write_day_csv(path, day="20150604", seed=0):
+    """A forecast day in hagelslag's track_step layout: a real day's storms, jittered, renamed to `day`, with a
+    missing-value code (-9999) where the real table has them."""
+    rng = np.random.default_rng(seed)
+    table = pd.read_csv(sorted(DEFAULT_DIR.glob("track_step_SSEF_*.csv"))[3]).head(60)
+    for column in ("Step_ID", "Track_ID", "Date"):
+        table[column] = table[column].str.replace("20150525", day).str.replace("2015-05-25", "2015-06-04")
+    numeric = [c for c in table.columns if c.endswith(("_mean", "_max", "_min", "_std"))]
+    table[numeric] = table[numeric] * rng.uniform(0.9, 1.1, (len(table), len(numeric)))
+    table.loc[:4, "sph850_mean"] = -9999.0
+    table["Hail_Size"] = np.where(rng.random(len(table)) < 0.7, rng.uniform(25, 60, len(table)), 0.0)
+    table.to_csv(path, index=False)
+    return table
+
+
 def test_tabular_mode_evaluates_an_unseen_day(tmp_path):
-    """Train on ten real days, evaluate a held-out day given as data.test_path, then again from the checkpoint."""
-    days = tmp_path / "days"
-    days.mkdir()
-    files = sorted(DEFAULT_DIR.glob("track_step_SSEF_*.csv"))
-    for f in files[:-1]:
-        shutil.copy(f, days)
-    unseen = files[-1]
+    """Train on the embedded real days, evaluate an unseen day's CSV given as data.test_path, then again from the
+    checkpoint with train=false; the skill score's reference is the training days' climatology."""
+    unseen = tmp_path / "track_step_SSEF_wrf-s3cn_arw_20150604.csv"
+    written = _write_day_csv(unseen)
     run_dir = tmp_path / "tab"
-    result = sciml("+plugin=hail", "hail/data=storms", f"data.path={days}", f"data.test_path={unseen}",
-                   f"hydra.run.dir={run_dir}", *QUICK)
+    result = sciml("+plugin=hail", "hail/data=storms", f"data.test_path={unseen}", f"hydra.run.dir={run_dir}",
+                   *QUICK)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = _metrics(run_dir)
-    assert {"test/auc", "test/bss", "test/brier"} <= set(metrics)
+    assert {"test/auc", "test/bss", "test/bss_sample", "test/brier"} <= set(metrics)
     table = pd.read_csv(run_dir / "predictions" / "test_predictions.csv")
-    assert len(table) == len(pd.read_csv(unseen)) and set(table["run_day"]) == {"2015-06-03"}
+    assert len(table) == len(written) and set(table["run_day"]) == {"2015-06-04"}
+    assert table["probability_severe"].between(0, 1).all(), "missing-value codes are filled, not propagated"
+    assert (table["observed_severe"] == (written["Hail_Size"] >= 25)).all()
     out = tmp_path / "eval"
-    evaluated = sciml("+plugin=hail", "hail/data=storms", "train=false", f"data.path={days}",
+    evaluated = sciml("+plugin=hail", "hail/data=storms", "train=false",
                       f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"data.test_path={unseen}",
                       f"hydra.run.dir={out}", *QUICK)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = _metrics(out)
     assert not any(k.startswith("train/") for k in again)
-    climatology = float(np.mean(pd.concat([pd.read_csv(f) for f in files[:-3]])["Hail_Size"] >= 25))
-    brier_clim = np.mean((climatology - table["observed_severe"]) ** 2)
-    assert again["test/bss"] == pytest.approx(1 - again["test/brier"] / brier_clim, abs=1e-4), \
-        "BSS against the training days' climatology, restored from the checkpoint"
+    # with test_path all shipped days but the two validation days (06-02, 06-03) train
+    files = sorted(DEFAULT_DIR.glob("track_step_SSEF_*.csv"))
+    climatology = float(np.mean(pd.concat([pd.read_csv(f) for f in files[:-2]])["Hail_Size"] >= 25))
+    observed = written["Hail_Size"] >= 25
+    assert again["test/bss"] == pytest.approx(1 - again["test/brier"] / np.mean((climatology - observed) ** 2),
+                                              abs=1e-4), "BSS against the training climatology from the checkpoint"
+    assert again["test/bss_sample"] == pytest.approx(1 - again["test/brier"] / np.var(observed), abs=1e-4)
 
 
 def test_bad_patch_file_is_one_line_error(patch_dir, tmp_path):

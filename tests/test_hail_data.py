@@ -132,6 +132,11 @@ def test_split_keeps_whole_days_in_time_order():
     assert (masks["train"].astype(int) + masks["val"] + masks["test"] == 1).all()
     with pytest.raises(SciMLError, match="5 day.*leave no day to train on"):
         split_days(days, val_days=3, test_days=2, where="x")
+    held_out = split_days(days, val_days=1, test_days=2, where="x", test_day="2015-05-21")
+    assert set(days[held_out["test"]]) == {"2015-05-21"} and set(days[held_out["val"]]) == {"2015-05-24"}
+    assert set(days[held_out["train"]]) == {"2015-05-20", "2015-05-22", "2015-05-23"}
+    with pytest.raises(SciMLError, match="data.test_day: '2015-06-04' is not a run day of x"):
+        split_days(days, val_days=1, test_days=2, where="x", test_day="2015-06-04")
 
 
 def test_storm_table_days_and_errors(tmp_path):
@@ -141,8 +146,20 @@ def test_storm_table_days_and_errors(tmp_path):
     assert len(module.splits["test"]) == int((days == "2015-06-03").sum()), "the latest run day is the test day"
     assert "2015-06-04" not in set(days), "the forecast day is not in the embedded table"
     assert 0.6 < module.climatology < 0.75
-    x = module.splits["train"].tensors["x"]
-    assert x.shape[1] == 72 and torch.isfinite(x).all()
+    assert module.columns[:2] == ["uh_max_mean", "uh_max_max"] and len(module.columns) == 36
+    raw = read_storms(resolve_csvs(None), module.columns)
+    train = raw[raw["run_day"] < "2015-05-30"]
+    # skewed variables enter logged; hagelslag's -9999 codes become the training median (after the log)
+    x = module.on_after_batch_transfer({"x": module.splits["train"].tensors["x"].clone()}, 0)["x"].numpy()
+    assert np.isfinite(x).all() and np.allclose(x.mean(axis=0), 0, atol=1e-4)
+    uh = np.log1p(train["uh_max_mean"].to_numpy())
+    assert np.allclose(x[:, 0] * module.std[0].item() + module.mean[0].item(),
+                       np.clip(uh, np.quantile(uh, 0.005), np.quantile(uh, 0.995)), atol=1e-4)
+    j = module.columns.index("sph850_mean")
+    coded = (train["sph850_mean"] < -9000).to_numpy()
+    assert coded.sum() > 10, "the real table has missing 850 hPa humidities"
+    filled = x[coded, j] * module.std[j].item() + module.mean[j].item()
+    assert np.allclose(filled, np.median(train["sph850_mean"][~coded]), atol=1e-3)
     one = sorted(resolve_csvs(None))[0]
     table = pd.read_csv(one).drop(columns=["uh_max_mean"])
     table.to_csv(tmp_path / "track_step_SSEF_x_20150520.csv", index=False)
@@ -169,6 +186,7 @@ def test_verification_scores_match_sklearn():
     brier = brier_score_loss(outcome, prob)
     assert values["brier"] == pytest.approx(brier, abs=1e-5)
     assert values["bss"] == pytest.approx(1 - brier / np.mean((0.25 - outcome) ** 2), abs=1e-5)
+    assert values["bss_sample"] == pytest.approx(1 - brier / np.var(outcome), abs=1e-5)
     best = 0.0
     for t in np.linspace(0, 1, 101):  # CSI = hits / (hits + misses + false alarms), brute force
         yes = prob >= t

@@ -24,15 +24,27 @@ from torch.utils.data import DataLoader
 from sciml.data import TensorDictDataset, keep_batch
 from sciml.errors import SciMLError
 from sciml_plugins.hail.patches import read_patches, resolve_patch_files
-from sciml_plugins.hail.storms import TARGET, feature_columns, read_storms, resolve_csvs
+from sciml_plugins.hail.storms import LOG_VARIABLES, TARGET, VARIABLES, feature_columns, read_storms, resolve_csvs
 
 log = logging.getLogger(__name__)
 MODES = ("classification", "regression")
 
 
-def split_days(days: np.ndarray, val_days: int, test_days: int, where: str) -> dict[str, np.ndarray]:
-    """Boolean masks of the train, val and test rows: whole days in time order (test last)."""
+def split_days(days: np.ndarray, val_days: int, test_days: int, where: str,
+               test_day: str | None = None) -> dict[str, np.ndarray]:
+    """Boolean masks of the train, val and test rows: whole days in time order (test last). `test_day` (YYYY-MM-DD)
+    tests that one day instead (leave-one-day-out); validation is then the latest `val_days` of the others."""
     unique = np.unique(days)  # sorted: ISO dates sort in time order
+    if test_day is not None:
+        if str(test_day) not in unique:
+            raise SciMLError(f"data.test_day: '{test_day}' is not a run day of {where} (days: {', '.join(unique)})")
+        test, rest = np.array([str(test_day)]), unique[unique != str(test_day)]
+        if len(rest) < val_days + 1:
+            raise SciMLError(f"data.path: {where} holds {len(unique)} day(s); data.val_days={val_days} and "
+                             "data.test_day leave no day to train on")
+        val = rest[len(rest) - val_days:]
+        return {"train": ~np.isin(days, np.concatenate([val, test])), "val": np.isin(days, val),
+                "test": np.isin(days, test)}
     if len(unique) < val_days + test_days + 1:
         raise SciMLError(f"data.path: {where} holds {len(unique)} day(s); data.val_days={val_days} and "
                          f"data.test_days={test_days} leave no day to train on")
@@ -46,7 +58,7 @@ class _HailData(pl.LightningDataModule):
     """What both layouts share: day split, targets, normalisation, climatology, loaders."""
 
     def __init__(self, path, test_path, batch_size, val_days, test_days, target_mode, threshold_mm, max_size_mm,
-                 num_workers):
+                 num_workers, test_day=None):
         super().__init__()
         if target_mode not in MODES:
             raise SciMLError(f"data.target_mode: '{target_mode}' is not one of {', '.join(MODES)}")
@@ -54,7 +66,9 @@ class _HailData(pl.LightningDataModule):
             raise SciMLError(f"data.batch_size must be >= 1, got {batch_size}")
         if val_days < 1 or test_days < 0:
             raise SciMLError(f"data.val_days must be >= 1 and data.test_days >= 0, got {val_days}, {test_days}")
-        self.path, self.test_path = path, test_path
+        if test_day is not None and test_path:
+            raise SciMLError("data.test_day and data.test_path both choose the test data: give one of them")
+        self.path, self.test_path, self.test_day = path, test_path, test_day
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_days, self.test_days = val_days, 0 if test_path else test_days
         if not test_path and test_days < 1:
@@ -79,7 +93,8 @@ class _HailData(pl.LightningDataModule):
         if self.splits:
             return
         x, size, days, self.meta = self.read(self.path, "data.path")
-        masks = split_days(days, self.val_days, self.test_days, str(self.path or "the embedded data"))
+        masks = split_days(days, self.val_days, self.test_days, str(self.path or "the embedded data"),
+                           self.test_day)
         if self.test_path:
             tx, tsize, tdays, self.test_meta = self.read(self.test_path, "data.test_path")
             if tx.shape[1:] != x.shape[1:]:
@@ -166,6 +181,7 @@ class HailPatchDataModule(_HailData):
         target: hail-size variable, (p) or (p, row, col) (patch maximum); `target_units` overrides its
             `units` attribute.
         val_days, test_days: whole days for validation and test (the latest ones).
+        test_day: a run day (YYYY-MM-DD) to test instead of the latest ones (leave-one-day-out).
         target_mode, threshold_mm, max_size_mm: see the module doc.
     """
 
@@ -173,9 +189,10 @@ class HailPatchDataModule(_HailData):
                  variables: list[str] = ("REFL_COM_curr", "T2_curr", "U10_curr", "V10_curr"),
                  target: str = "HAIL_MAXK1_future", target_units: str | None = None, batch_size: int = 64,
                  val_days: int = 2, test_days: int = 2, target_mode: str = "classification",
-                 threshold_mm: float = 25.0, max_size_mm: float | None = 150.0, num_workers: int = 0):
+                 threshold_mm: float = 25.0, max_size_mm: float | None = 150.0, num_workers: int = 0,
+                 test_day: str | None = None):
         super().__init__(path, test_path, batch_size, val_days, test_days, target_mode, threshold_mm, max_size_mm,
-                         num_workers)
+                         num_workers, test_day)
         self.variables, self.target, self.target_units = list(variables), target, target_units
 
     def read(self, path, key):
@@ -217,22 +234,32 @@ class HailStormDataModule(_HailData):
         path: CSV file, folder or glob; None = the embedded real table (11 days, 2015-05-20 .. 2015-06-03).
         test_path: an unseen day's CSV (e.g. the 2015-06-04 forecast day).
         variables, statistics: features are the `{variable}_{statistic}` columns.
-        val_days, test_days, target_mode, threshold_mm, max_size_mm: as for patches.
-        clip_quantile: features are clipped to the training [q, 1 - q] quantiles before standardising (the table
-            has missing-value codes such as a -9209 C 700 hPa temperature over high terrain).
+        val_days, test_days, test_day, target_mode, threshold_mm, max_size_mm: as for patches.
+        log_variables: variables whose (skewed) statistics enter as sign(x) log(1 + |x|): updraft helicity,
+            updraft and downdraft speed, graupel, CAPE, CIN, LCL height, helicity.
+        missing_below: values below it are hagelslag's missing-value code (-9999, or means over it such as a
+            -9209 C 700 hPa temperature over high terrain; 11 % of the 850 hPa humidities); they are replaced by
+            the training median of their feature.
+        clip_quantile: features are clipped to the training [q, 1 - q] quantiles before standardising.
     """
 
     def __init__(self, path: str | None = None, test_path: str | None = None,
-                 variables: list[str] | None = None, statistics: list[str] = ("mean", "max", "min", "std"),
+                 variables: list[str] | None = None, statistics: list[str] = ("mean", "max"),
+                 log_variables: list[str] = LOG_VARIABLES, missing_below: float = -9000.0,
                  batch_size: int = 64, val_days: int = 2, test_days: int = 1, target_mode: str = "classification",
                  threshold_mm: float = 25.0, max_size_mm: float | None = 150.0, clip_quantile: float = 0.005,
-                 num_workers: int = 0):
+                 num_workers: int = 0, test_day: str | None = None):
         super().__init__(path, test_path, batch_size, val_days, test_days, target_mode, threshold_mm, max_size_mm,
-                         num_workers)
-        from sciml_plugins.hail.storms import VARIABLES
-
-        self.columns = feature_columns(list(variables or VARIABLES), list(statistics))
-        self.clip_quantile = clip_quantile
+                         num_workers, test_day)
+        self.variables = list(variables or VARIABLES)
+        unknown = sorted(set(log_variables) - set(VARIABLES))
+        if unknown:
+            raise SciMLError(f"data.log_variables: unknown variable(s) {', '.join(unknown)} (known: "
+                             f"{', '.join(VARIABLES)})")
+        self.columns = feature_columns(self.variables, list(statistics))
+        self.logged = np.array([c.rsplit("_", 1)[0] in set(log_variables) for c in self.columns])
+        self.missing_below, self.clip_quantile = missing_below, clip_quantile
+        self.median: torch.Tensor | None = None
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
 
@@ -241,28 +268,37 @@ class HailStormDataModule(_HailData):
         days = table["run_day"].dt.strftime("%Y-%m-%d").to_numpy().astype(str)
         meta_cols = [c for c in ("Step_ID", "Track_ID", "run_day", "Forecast_Hour", "Centroid_Lon", "Centroid_Lat",
                                  "source_file") if c in table.columns]
-        return (table[self.columns].to_numpy(np.float32), table[TARGET].to_numpy(np.float32), days,
-                table[meta_cols].reset_index(drop=True))
+        x = table[self.columns].to_numpy(np.float64, copy=True)
+        x[x < self.missing_below] = np.nan  # filled with training medians on the device
+        x[:, self.logged] = np.sign(x[:, self.logged]) * np.log1p(np.abs(x[:, self.logged]))
+        return x.astype(np.float32), table[TARGET].to_numpy(np.float32), days, table[meta_cols].reset_index(drop=True)
 
     def fit_normalisation(self, x: np.ndarray) -> None:
+        median = np.nanmedian(x, axis=0)
+        if np.isnan(median).any():
+            raise SciMLError(f"data.path: feature '{self.columns[int(np.flatnonzero(np.isnan(median))[0])]}' is "
+                             "missing in every training row")
+        x = np.where(np.isnan(x), median, x)
         q = self.clip_quantile
+        self.median = torch.from_numpy(median).float()
         self.lo = torch.from_numpy(np.quantile(x, q, axis=0)).float()
         self.hi = torch.from_numpy(np.quantile(x, 1 - q, axis=0)).float()
         super().fit_normalisation(np.clip(x, self.lo.numpy(), self.hi.numpy()))
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if self.lo is not None:
-            batch["x"] = torch.maximum(torch.minimum(batch["x"], self.hi.to(batch["x"].device)),
-                                       self.lo.to(batch["x"].device))
+            x, device = batch["x"], batch["x"].device
+            x = torch.where(torch.isnan(x), self.median.to(device), x)
+            batch["x"] = torch.maximum(torch.minimum(x, self.hi.to(device)), self.lo.to(device))
         return super().on_after_batch_transfer(batch, dataloader_idx)
 
     def state_dict(self):
-        return {**super().state_dict(), "lo": None if self.lo is None else self.lo.tolist(),
-                "hi": None if self.hi is None else self.hi.tolist()}
+        return {**super().state_dict(), **{k: None if getattr(self, k) is None else getattr(self, k).tolist()
+                                           for k in ("median", "lo", "hi")}}
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        for key in ("lo", "hi"):
+        for key in ("median", "lo", "hi"):
             value = state_dict.get(key)
             setattr(self, key, None if value is None else torch.tensor(value, dtype=torch.float32))
 

@@ -22,6 +22,8 @@ FILE_PATTERN = "track_step_SSEF_*.csv"
 VARIABLES = ["uh_max", "r10cmx", "wupmax", "wdnmax", "cqgmax", "mlcape", "mlcins", "sblcl", "srh03", "shr06",
              "tmp500", "tmp700", "dewp2m", "temp2m", "sph850", "sph500", "lllr", "lr75"]
 STATISTICS = ["mean", "max", "min", "std"]
+# Positive, right-skewed (or, for CIN and downdrafts, left-skewed) variables: used as sign(x) log(1 + |x|).
+LOG_VARIABLES = ("uh_max", "wupmax", "wdnmax", "cqgmax", "mlcape", "mlcins", "sblcl", "srh03")
 TARGET = "Hail_Size"
 _RUN_DAY = re.compile(r"_(\d{8})-\d{4}_")
 

@@ -22,7 +22,7 @@ class ForecastVerification(Metric):
 
     `climatology` is the reference forecast of the Brier skill score: the event frequency of the training data
     (set it before `compute`); None uses the frequency of the evaluated sample (a skill score the forecaster
-    could not have known in advance, reported as such).
+    could not have known in advance). That sample-climatology score is always reported too, as `bss_sample`.
     """
 
     full_state_update = False
@@ -53,7 +53,10 @@ class ForecastVerification(Metric):
         brier = mean_squared_error(probs, outcomes.float())
         brier_clim = ((clim - outcomes.float()) ** 2).mean()
         csi, threshold, pod, sr = best_csi(probs, outcomes)
+        # bss_sample: against the evaluated sample's own frequency, as hagelslag's reliability diagrams report it
+        brier_sample = base_rate * (1 - base_rate)
         values = {"auc": binary_auroc(probs, outcomes), "brier": brier, "bss": 1 - brier / brier_clim,
+                  "bss_sample": 1 - brier / brier_sample,
                   "csi": csi, "csi_threshold": threshold, "pod": pod, "sr": sr, "base_rate": base_rate}
         return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()}
 
