@@ -51,15 +51,33 @@ def test_hail_proxy_is_physical():
     """More CAPE and more updraft helicity make larger hail, a higher freezing level smaller hail."""
     base = pd.DataFrame({c: np.full(400, v) for c, v in
                          {"mlcape_mean": 1500.0, "uh_max_max": 100.0, "tmp500_mean": -11.0, "tmp700_mean": 7.0,
-                          "r10cmx_max": 60.0}.items()})
+                          "r10cmx_max": 60.0, "meso_strength": 1.0}.items()})
     rng = np.random.default_rng(0)
     for column in base.columns:  # a little spread everywhere, for the standardisation
         base[column] += rng.normal(0, 1e-3 * abs(base[column].iloc[0]), 400)
-    for column, delta, sign in (("mlcape_mean", 1000.0, 1), ("uh_max_max", 100.0, 1), ("tmp700_mean", 3.0, -1)):
+    for column, delta, sign in (("mlcape_mean", 1000.0, 1), ("uh_max_max", 100.0, 1), ("tmp700_mean", 3.0, -1),
+                                ("meso_strength", 1.0, 1)):
         changed = base.copy()
         changed.loc[200:, column] += delta * np.linspace(0.5, 1, 200)
         index = simulate.hail_proxy(changed, np.random.default_rng(1), noise=0.0)
         assert sign * (index[200:].mean() - index[:200].mean()) > 0, column
+
+
+def test_mesocyclone_strength_shows_only_in_the_spatial_structure():
+    """The storm's mesocyclone strength (which drives hail size) changes the rotation couplet, not the patch means:
+    the signal a CNN can use and storm-mean predictors cannot."""
+    table = read_storms(resolve_csvs(None), simulate.DRAWN + ["Forecast_Hour"], simulate.MAX_SIZE_MM)
+    storms = simulate.draw_storms(table[table["tmp700_mean"] > -60].head(40), 1.0, np.random.default_rng(0))
+    storms["uh_max_max"] = 150.0
+    weak, strong = storms.assign(meso_strength=0.5), storms.assign(meso_strength=2.0)
+    sizes = np.full(len(storms), 30.0)
+    a = simulate.render(weak, sizes, np.random.default_rng(1))  # same draws: only the rotation differs
+    b = simulate.render(strong, sizes, np.random.default_rng(1))
+    for name in ("U500_curr", "V500_curr"):
+        diff = b[name] - a[name]
+        peak = np.abs(diff).max(axis=(1, 2))
+        assert (peak > 10).all(), name
+        assert (np.abs(diff.mean(axis=(1, 2))) < 0.1 * peak).all(), name
 
 
 def test_correlated_noise_has_the_requested_spectrum():

@@ -6,14 +6,16 @@ The real 32x32 patches of Gagne et al. (2019) cannot be shipped, so patches are 
    carry that day's weather) and jittered by 10 % of each column's spread.
 2. A convective cell: an elliptical reflectivity core of 10-25 km radius stretched along the 0-6 km shear, peak from
    the storm's `r10cmx_max`, size from its updraft; a hook appendage on the right-rear flank when `uh_max` is high;
-   a cyclonic Rankine rotation couplet in the 500 hPa and (weaker) 10 m winds with speed ~ sqrt(UH); the
+   a cyclonic Rankine rotation couplet in the 500 hPa and (weaker) 10 m winds with speed ~ sqrt(UH) x m, where the
+   mesocyclone strength m (lognormal, sigma 0.5) is drawn per storm and not in the table; the
    environmental wind with the real 0-6 km shear between 10 m and 500 hPa.
 3. A cold pool of 2-8 K under and downshear of the core, scaled by the downdraft `wdnmax`, with divergent outflow,
    drying and stabilised (lower) CAPE.
 4. Spatially correlated noise: Gaussian random fields with a k^-5/3 spectrum on every field.
 5. The target: a hail-growth proxy from the updraft of parcel theory w = sqrt(2 CAPE), the depth of the hail-growth
    zone (-10 to -30 C) and the freezing level (melting) from the 700-500 hPa lapse rate, the updraft helicity and
-   the peak reflectivity, plus noise; mapped by quantiles onto the real `Hail_Size` distribution, and written as a
+   the peak reflectivity, plus noise; its rotation term is log(1 + UH/50) + 1.5 log m, so part of the hail signal
+   lives only in the couplet and hook (zero or tiny patch means), where a CNN can see it and storm means cannot; mapped by quantiles onto the real `Hail_Size` distribution, and written as a
    1-h future maximum hail size field `HAIL_MAXK1_future` (metres, as WRF writes it) in the storm's footprint.
 
 Files follow the layout of the NCAR storm-patch files: one netCDF per run day, dimensions `p` (patch), `row`,
@@ -87,6 +89,9 @@ def draw_storms(table: pd.DataFrame, patches_per_storm: float, rng: np.random.Ge
     storms["wupmax_max"] = storms["wupmax_max"].clip(lower=2)
     storms["wdnmax_max"] = storms["wdnmax_max"].clip(upper=0)
     storms["shr06_mean"] = storms["shr06_mean"].clip(lower=0)
+    # Mesocyclone strength relative to what the storm's UH suggests (the table's hourly UH maximum misses how
+    # organised the rotation is): seen only in the patch's rotation couplet and hook echo, never in a field mean.
+    storms["meso_strength"] = rng.lognormal(0.0, 0.5, len(storms))
     return storms
 
 
@@ -106,7 +111,8 @@ def hail_proxy(storms: pd.DataFrame, rng: np.random.Generator, noise: float = 0.
     def z(v):
         return (v - v.mean()) / v.std()
 
-    index = (0.5 * z(np.log(w)) + 1.5 * z(np.log1p(storms["uh_max_max"].to_numpy() / 50))
+    rotation = np.log1p(storms["uh_max_max"].to_numpy() / 50) + 1.5 * np.log(storms["meso_strength"].to_numpy())
+    index = (0.5 * z(np.log(w)) + 1.5 * z(rotation)
              + 0.3 * z(np.log(growth_depth)) - 0.3 * z(freezing_level) + 0.4 * z(storms["r10cmx_max"].to_numpy()))
     return index + rng.normal(0, noise, len(index))
 
@@ -153,7 +159,8 @@ def render(storms: pd.DataFrame, sizes_mm: np.ndarray, rng: np.random.Generator)
     refl = peak - 4.343 * core_q  # a Gaussian in Z is a parabola in dBZ
 
     # Supercells: hook echo on the right-rear flank and a mesocyclone between it and the core.
-    supercell = np.clip((col("uh_max_max") - 40.0) / 150.0, 0, 1)
+    meso = col("meso_strength")
+    supercell = np.clip((col("uh_max_max") * meso - 40.0) / 150.0, 0, 1)
     hook_a, hook_b = -1.1 * sigma_a, -1.1 * sigma_b  # rear (upshear), right of the motion
     hook_q = ((a - hook_a) / (0.45 * sigma_b)) ** 2 + ((b - hook_b) / (0.3 * sigma_b)) ** 2
     refl = np.maximum(refl, peak - 6.0 - 4.343 * hook_q - 40.0 * (1 - supercell))
@@ -163,7 +170,7 @@ def render(storms: pd.DataFrame, sizes_mm: np.ndarray, rng: np.random.Generator)
     dx, dy = x - mx, y - my
     r = np.hypot(dx, dy) + 1e-3
     rmax = 5.0
-    vt = np.where(r < rmax, r / rmax, rmax / r) * np.sqrt(col("uh_max_max"))  # Rankine vortex, m/s
+    vt = np.where(r < rmax, r / rmax, rmax / r) * np.sqrt(col("uh_max_max")) * meso  # Rankine vortex, m/s
     rot_u, rot_v = -vt * dy / r, vt * dx / r  # cyclonic
 
     # Cold pool under and just downshear of the core, with radial outflow.
