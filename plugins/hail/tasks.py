@@ -1,0 +1,105 @@
+"""The generic tasks with forecast verification added: the event is "severe hail" (size >= threshold).
+
+Classification verifies the predicted probability of the event. Regression predicts a Gaussian hail size (mean and
+standard deviation) and verifies the exceedance probability P(size >= threshold) the same way, next to MAE and RMSE.
+The Brier skill score's reference is climatology: the event frequency of the training days, which the data module
+measures and keeps in checkpoints (`climatology`).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sciml.errors import SciMLError
+from sciml.tasks import ClassificationTask, RegressionTask
+from sciml_plugins.hail.verification import ForecastVerification, plot_all
+
+log = logging.getLogger(__name__)
+
+
+class _Verification:
+    """Shared by both tasks: the training climatology and the diagrams."""
+
+    event = "severe hail"
+
+    def _climatology(self) -> float | None:
+        value = getattr(self.trainer.datamodule, "climatology", None) if self._trainer else None
+        if value is None:
+            log.warning("no training climatology known: the Brier skill score uses the evaluated sample's frequency")
+        return value
+
+    def _verification_plots(self, metric: ForecastVerification) -> None:
+        clim = metric.climatology
+        if clim is None:
+            clim = float(torch.cat([o.float() for o in metric.outcomes]).mean()) if metric.outcomes else 0.5
+        plot_all(metric, clim, self.plots_dir, self.event, self.trainer.is_global_zero)
+
+
+class HailClassificationTask(_Verification, ClassificationTask):
+    """Binary severe-hail classification with AUC, Brier score, BSS, best CSI and the diagrams."""
+
+    def __init__(self, model, num_classes: int = 2, class_names: list[str] | None = None, signal_class: int = 1,
+                 threshold_mm: float = 25.0, optimizer=None, scheduler=None):
+        if num_classes != 2:
+            raise SciMLError(f"task.num_classes: severe-hail classification is binary, got {num_classes}")
+        super().__init__(model, num_classes, class_names, signal_class, optimizer, scheduler)
+        self.threshold_mm = threshold_mm
+        self.event = f"hail >= {threshold_mm:g} mm"
+
+    def _make_metrics(self):
+        return ForecastVerification()
+
+    def _log_epoch(self, stage):
+        self.metrics[stage].climatology = self._climatology()
+        super()._log_epoch(stage)
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
+        self._verification_plots(self.metrics["test"])
+        self.metrics["test"].reset()
+
+
+class HailRegressionTask(_Verification, RegressionTask):
+    """Hail size (mm) as a Gaussian: MAE, RMSE, R^2 of the mean, and verification of P(size >= threshold_mm)."""
+
+    def __init__(self, model, num_targets: int = 1, loss: str = "gaussian_nll", target_offset: float = 25.0,
+                 target_scale: float = 20.0, target_name: str = "hail size (mm)", threshold_mm: float = 25.0,
+                 optimizer=None, scheduler=None):
+        if loss != "gaussian_nll" or num_targets != 1:
+            raise SciMLError("task: hail-size regression needs loss=gaussian_nll and num_targets=1 (the exceedance "
+                             f"probability comes from the predicted spread), got loss={loss}, "
+                             f"num_targets={num_targets}")
+        super().__init__(model, num_targets, loss, target_offset, target_scale, target_name, optimizer, scheduler)
+        self.threshold_mm = threshold_mm
+        self.event = f"hail >= {threshold_mm:g} mm"
+        self.verification = torch.nn.ModuleDict({stage: ForecastVerification() for stage in ("val", "test")})
+
+    def exceedance(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """P(size >= threshold) under the predicted Gaussian."""
+        normal = torch.distributions.Normal(mean, std.clamp(min=1e-3))
+        return 1 - normal.cdf(torch.full_like(mean, self.threshold_mm))
+
+    def _evaluate(self, batch, stage):
+        mean, std = super()._evaluate(batch, stage)
+        event = (batch["y"].reshape(len(mean), -1) >= self.threshold_mm).long()
+        self.verification[stage].update(self.exceedance(mean, std), event)
+        return mean, std
+
+    def _log_epoch(self, stage):
+        metric = self.verification[stage]
+        metric.climatology = self._climatology()
+        self.log_dict({f"{stage}/{k}": v for k, v in metric.compute().items()}, prog_bar=False)
+        super()._log_epoch(stage)
+        if stage == "val":
+            metric.reset()
+
+    def on_test_epoch_end(self):
+        super().on_test_epoch_end()
+        self._verification_plots(self.verification["test"])
+        self.verification["test"].reset()
+
+    def predict_step(self, batch, batch_idx):
+        out = super().predict_step(batch, batch_idx)
+        out["probability"] = self.exceedance(out["prediction"], out["std"])
+        return out
