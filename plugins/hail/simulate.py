@@ -91,7 +91,7 @@ def draw_storms(table: pd.DataFrame, patches_per_storm: float, rng: np.random.Ge
     storms["shr06_mean"] = storms["shr06_mean"].clip(lower=0)
     # Mesocyclone strength relative to what the storm's UH suggests (the table's hourly UH maximum misses how
     # organised the rotation is): seen only in the patch's rotation couplet and hook echo, never in a field mean.
-    return storms.assign(meso_strength=rng.lognormal(0.0, 0.5, len(storms)))
+    return storms.copy().assign(meso_strength=rng.lognormal(0.0, 0.5, len(storms)))  # copy: defragmented
 
 
 def hail_proxy(storms: pd.DataFrame, rng: np.random.Generator, noise: float = 0.8) -> np.ndarray:

@@ -68,7 +68,7 @@ def read_storms(files: list[Path], columns: list[str], max_size_mm: float | None
             column = numeric.columns[bad.any(axis=0)][0]
             raise SciMLError(f"{f}: {int(bad[:, numeric.columns.get_loc(column)].sum())} missing, non-numeric or "
                              f"infinite value(s) in column '{column}'")
-        frame = pd.concat([frame.drop(columns=numeric.columns), numeric], axis=1)
+        frame = pd.concat([frame.drop(columns=numeric.columns), numeric], axis=1).copy()  # one block per dtype
         days = frame["Track_ID"].astype(str).str.extract(_RUN_DAY, expand=False)
         if days.isna().any():
             raise SciMLError(f"{f}: Track_ID '{frame['Track_ID'][days.isna()].iloc[0]}' names no run day "
