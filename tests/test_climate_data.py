@@ -187,7 +187,7 @@ def test_bad_files_are_named(folder, tmp_path):
         fit_module(other)
     with pytest.raises(SciMLError, match="data.path: no such file or folder"):
         fit_module(tmp_path / "nope.nc")
-    with pytest.raises(SciMLError, match="no netCDF files"):
+    with pytest.raises(SciMLError, match="data.path: no files match .*empty"):
         fit_module(tmp_path / "empty*.nc")
 
 

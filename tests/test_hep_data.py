@@ -112,8 +112,12 @@ def test_missing_and_corrupt_files(tmp_path):
     corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"garbage" * 100)
     with pytest.raises(SciMLError, match="not a readable HDF5 file"):
         _fit_module(corrupt)
-    with pytest.raises(SciMLError, match="no .h5/.hdf5 files"):
+    with pytest.raises(SciMLError, match="data.path: no files match .*empty"):
         _fit_module(tmp_path / "empty*.h5")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("not data")
+    with pytest.raises(SciMLError, match=r"data.path: no \*.h5, \*.hdf5 files in the folder"):
+        _fit_module(tmp_path / "folder")
 
 
 def test_bad_arguments():

@@ -15,18 +15,16 @@ Predictions are written as CF-netCDF on the input's own coordinates (one file pe
 """
 from __future__ import annotations
 
-import glob
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import xarray as xr
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from sciml.data import keep_batch
+from sciml.data import SplitDataModule, find_files
 from sciml.errors import SciMLError
 
 log = logging.getLogger(__name__)
@@ -42,18 +40,7 @@ def resolve_files(path: str | Path | None, key: str = "data.path") -> list[Path]
         if not files:
             raise SciMLError(f"{key}: the embedded default sample is missing from {DEFAULT_DIR}")
         return files
-    text = str(path)
-    if any(c in text for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(text))
-    elif Path(text).is_dir():
-        files = sorted(p for p in Path(text).iterdir() if p.suffix in SUFFIXES)
-    elif Path(text).is_file():
-        files = [Path(text)]
-    else:
-        raise SciMLError(f"{key}: no such file or folder '{text}'")
-    if not files:
-        raise SciMLError(f"{key}: no netCDF files ({', '.join(SUFFIXES)}) found in '{text}'")
-    return files
+    return find_files(path, tuple(f"*{suffix}" for suffix in SUFFIXES), key)
 
 
 def _open(path: Path) -> xr.Dataset:
@@ -298,7 +285,7 @@ class Rows(Dataset):
         return batch
 
 
-class ClimateDataModule(pl.LightningDataModule):
+class ClimateDataModule(SplitDataModule):
     """Extreme-weather segmentation data (ClimateNet layout).
 
     Args:
@@ -434,22 +421,6 @@ class ClimateDataModule(pl.LightningDataModule):
         self.mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32)
         std = torch.as_tensor(np.asarray(std), dtype=torch.float32)
         self.std = torch.where(std > 0, std, torch.ones_like(std))  # a constant variable is only centred
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self):
-        return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if self.mean is None:

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import torch
 import xarray as xr
-from torch.utils.data import DataLoader
 
-from sciml.data import TensorDictDataset, keep_batch
+from sciml.data import SplitDataModule, TensorDictDataset
 from sciml.errors import SciMLError
 from sciml_plugins.hail.patches import read_patches, resolve_patch_files
 from sciml_plugins.hail.storms import LOG_VARIABLES, TARGET, VARIABLES, feature_columns, read_storms, resolve_csvs
@@ -54,7 +52,7 @@ def split_days(days: np.ndarray, val_days: int, test_days: int, where: str,
             "test": np.isin(days, test)}
 
 
-class _HailData(pl.LightningDataModule):
+class _HailData(SplitDataModule):
     """What both layouts share: day split, targets, normalisation, climatology, loaders."""
 
     def __init__(self, path, test_path, batch_size, val_days, test_days, target_mode, threshold_mm, max_size_mm,
@@ -144,22 +142,6 @@ class _HailData(pl.LightningDataModule):
         for key in ("mean", "std"):
             value = state_dict.get(key)
             setattr(self, key, None if value is None else torch.tensor(value, dtype=torch.float32))
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self):
-        return self._loader("test", shuffle=False)
 
     def _prediction_columns(self, predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per test row: the forecast probability of severe hail, and the predicted size in regression."""

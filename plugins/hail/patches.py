@@ -8,13 +8,13 @@ one needs `data.target_units`. Every file is opened once and read whole (xarray,
 """
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
+from sciml.data import find_files
 from sciml.errors import SciMLError
 
 DEFAULT_DIR = Path(__file__).parent / "data" / "patches"
@@ -39,18 +39,7 @@ class Patches:
 
 def resolve_patch_files(path: str | Path | None, key: str = "data.path") -> list[Path]:
     """A netCDF file, a folder of .nc files, or a glob; None means the embedded simulated sample."""
-    text = str(DEFAULT_DIR if path is None else path)
-    if any(c in text for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(text))
-    elif Path(text).is_dir():
-        files = sorted(Path(text).glob("*.nc"))
-    elif Path(text).is_file():
-        files = [Path(text)]
-    else:
-        raise SciMLError(f"{key}: no such file or folder '{text}'")
-    if not files:
-        raise SciMLError(f"{key}: no .nc files found in '{text}'")
-    return files
+    return find_files(DEFAULT_DIR if path is None else path, ("*.nc",), key)
 
 
 def _to_mm(var: xr.DataArray, path: Path, name: str, target_units: str | None) -> float:

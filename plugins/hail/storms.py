@@ -7,13 +7,13 @@ hours 12-36 reach into the next calendar day, so the `Date` column is not the ru
 """
 from __future__ import annotations
 
-import glob
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from sciml.data import find_files
 from sciml.errors import SciMLError
 
 DEFAULT_DIR = Path(__file__).parent / "data" / "storms"
@@ -30,18 +30,7 @@ _RUN_DAY = re.compile(r"_(\d{8})-\d{4}_")
 
 def resolve_csvs(path: str | Path | None, key: str = "data.path") -> list[Path]:
     """A CSV file, a folder of `track_step_SSEF_*.csv`, or a glob; None means the embedded real table."""
-    text = str(DEFAULT_DIR if path is None else path)
-    if any(c in text for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(text))
-    elif Path(text).is_dir():
-        files = sorted(Path(text).glob(FILE_PATTERN))
-    elif Path(text).is_file():
-        files = [Path(text)]
-    else:
-        raise SciMLError(f"{key}: no such file or folder '{text}'")
-    if not files:
-        raise SciMLError(f"{key}: no {FILE_PATTERN} files found in '{text}'")
-    return files
+    return find_files(DEFAULT_DIR if path is None else path, (FILE_PATTERN,), key)
 
 
 def feature_columns(variables: list[str], statistics: list[str]) -> list[str]:

@@ -12,17 +12,15 @@ Lightning's DistributedSampler.
 """
 from __future__ import annotations
 
-import glob
 import logging
 from pathlib import Path
 
 import h5py
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from sciml.data import keep_batch
+from sciml.data import SplitDataModule, find_files
 from sciml.errors import SciMLError
 
 log = logging.getLogger(__name__)
@@ -33,18 +31,7 @@ def resolve_files(path: str | Path | None, key: str = "data.path") -> list[Path]
     """A file, a folder of .h5/.hdf5 files, or a glob; None means the embedded default sample."""
     if path is None:
         return [DEFAULT_FILE]
-    text = str(path)
-    if any(c in text for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(text))
-    elif Path(text).is_dir():
-        files = sorted(p for p in Path(text).iterdir() if p.suffix in (".h5", ".hdf5"))
-    elif Path(text).is_file():
-        files = [Path(text)]
-    else:
-        raise SciMLError(f"{key}: no such file or folder '{text}'")
-    if not files:
-        raise SciMLError(f"{key}: no .h5/.hdf5 files found in '{text}'")
-    return files
+    return find_files(path, ("*.h5", "*.hdf5"), key)
 
 
 class H5Images:
@@ -174,7 +161,7 @@ class Rows(Dataset):
                 self.source.read(self.index[np.asarray(positions)]).items()}
 
 
-class HEPDataModule(pl.LightningDataModule):
+class HEPDataModule(SplitDataModule):
     """Signal vs background calorimeter images.
 
     Args:
@@ -277,22 +264,6 @@ class HEPDataModule(pl.LightningDataModule):
         strategy = self.trainer.strategy
         maxima = torch.as_tensor(local, dtype=torch.float32, device=strategy.root_device)
         return strategy.reduce(maxima, reduce_op="max").cpu().numpy()
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self):
-        return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if self.channel_max is None:

@@ -60,7 +60,6 @@ class OptunaSweeper(Sweeper):
 
     # ---------------------------------------------------------------------------------------------------- sweep
     def sweep(self, arguments: list[str]) -> list[JobReturn]:
-        import optuna
         from optuna.trial import TrialState
 
         from sciml.sweepers import report, space
