@@ -20,7 +20,7 @@ run: venv
 	$(PY) -m sciml +plugin=hep
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
