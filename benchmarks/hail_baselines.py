@@ -33,7 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from sciml_plugins.hail.data import HailPatchDataModule, HailStormDataModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hail_lodo import features  # noqa: E402  the MLP's preprocessed inputs
+from hail_lodo import features, write_block  # noqa: E402  the MLP's preprocessed inputs
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "hail.md"
 CONF = Path(__file__).resolve().parents[1] / "plugins" / "hail" / "conf"
@@ -110,10 +110,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        text = DOC.read_text()
-        start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
-        DOC.write_text(text[:start] + "\n" + table + "\n" + text[stop:])
-        print(f"written to {DOC}")
+        write_block(DOC, BEGIN, END, table)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ from sciml_plugins.hail.data import HailStormDataModule
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "hail.md"
 BEGIN, END = "<!-- hail_lodo:begin -->", "<!-- hail_lodo:end -->"
+
+
+def write_block(doc: Path, begin: str, end: str, table: str) -> None:
+    """Rewrite only the part of `doc` between the markers: the hand-written text around it stays."""
+    text = doc.read_text()
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    doc.write_text(text[:start] + "\n" + table + "\n" + text[stop:])
+    print(f"written to {doc}")
 MODELS = ("MLP", "logistic regression", "random forest")
 
 
@@ -105,10 +113,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        text = DOC.read_text()
-        start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
-        DOC.write_text(text[:start] + "\n" + table + "\n" + text[stop:])
-        print(f"written to {DOC}")
+        write_block(DOC, BEGIN, END, table)
 
 
 if __name__ == "__main__":
