@@ -78,7 +78,8 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
         last = out / "checkpoints" / "last.ckpt"
         resume = cfg.ckpt_path or (str(last) if last.is_file() else None)
         if resume:
-            _check_file(resume, "ckpt_path")
+            _check_checkpoint(resume, task, "ckpt_path" if cfg.ckpt_path else f"run directory '{out}'",
+                              "or a new run directory" if not cfg.ckpt_path else "")
             log.info("resuming from %s", resume)
         trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
         fit_metrics = _floats(trainer.callback_metrics)
@@ -88,7 +89,7 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
     else:
         if not cfg.ckpt_path:
             raise SciMLError("train=false needs ckpt_path=PATH (a checkpoint of a trained run)")
-        test_ckpt = _check_file(cfg.ckpt_path, "ckpt_path")
+        test_ckpt = _check_checkpoint(cfg.ckpt_path, task, "ckpt_path")
 
     test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=test_ckpt)
     predictions = _gather_on_rank_zero(trainer, trainer.predict(task, datamodule=datamodule, ckpt_path=test_ckpt))
@@ -115,6 +116,28 @@ def _strategy(cfg: DictConfig):
 def _check_file(path: str, key: str) -> str:
     if not Path(path).is_file():
         raise SciMLError(f"{key}: no such file '{path}'")
+    return str(path)
+
+
+def _check_checkpoint(path: str, task: pl.LightningModule, key: str, alternative: str = "") -> str:
+    """A checkpoint of another network (other widths, depth, channels) would fail deep in Lightning with a
+    many-line state_dict error: name the checkpoint and the first differences in one line instead."""
+    _check_file(path, key)
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+    except Exception as exc:
+        raise SciMLError(f"{key}: '{path}' is not a readable Lightning checkpoint ({type(exc).__name__}: {exc})")
+    # Only the network's tensors: tasks may add buffers (e.g. class weights) when they are set up.
+    expected = {k: tuple(v.shape) for k, v in task.state_dict().items() if k.startswith("model.")}
+    saved = {k: tuple(v.shape) for k, v in saved.items() if k.startswith("model.")}
+    differences = [f"{k} missing" for k in expected if k not in saved]
+    differences += [f"{k} unexpected" for k in saved if k not in expected]
+    differences += [f"{k} is {saved[k]}, expected {expected[k]}" for k in expected
+                    if k in saved and saved[k] != expected[k]]
+    if differences:
+        more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+        raise SciMLError(f"{key}: '{path}' was saved by a different model ({'; '.join(differences[:3])}{more}): "
+                         f"use the model config it was trained with{(' ' + alternative) if alternative else ''}")
     return str(path)
 
 

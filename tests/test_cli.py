@@ -85,6 +85,12 @@ def test_interrupted_run_resumes_in_place(tmp_path, data_file):
                   "trainer.max_epochs=3")  # already complete: nothing to train, test and predict again
     assert again.returncode == 0, again.stderr[-3000:]
     assert "test/auc" in json.loads((run_dir / "metrics.json").read_text())
+    # The same run directory with another network: one line naming the checkpoint, nothing overwritten.
+    other = sciml("+plugin=hep", f"data.path={data_file}", f"hydra.run.dir={run_dir}", *FAST,
+                  "trainer.max_epochs=3", "model.widths=[4,8]")
+    _one_line_error(other, str(run_dir / "checkpoints" / "last.ckpt"), "different model",
+                    "model.features.0.weight is (8, 3, 3, 3), expected (4, 3, 3, 3)")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3 * 9
 
 
 def _one_line_error(result, *fragments):
