@@ -48,7 +48,7 @@ def main(argv=None):
     parser.add_argument("--data", type=Path, default=Path("benchmarks/data/hep_top_qcd_large.h5"))
     parser.add_argument("--batch-sizes", default="128,512,2048,4096")
     parser.add_argument("--seeds", default="1")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--base", type=int, default=128, help="batch size at which the base LRs are given")
     parser.add_argument("--sgd-lr", default="0.05", help="base LR, or a comma list to sweep")
