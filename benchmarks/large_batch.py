@@ -161,6 +161,7 @@ def main(argv=None):
     ax.set(xscale="log", xlabel="global batch size", ylabel="test AUC (LR chosen by val AUC; ± sd over seeds)",
            title="HEP top tagging: large-batch training")
     ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()  # log-axis minor labels would overlap the batch-size ticks
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
