@@ -78,8 +78,10 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
         last = out / "checkpoints" / "last.ckpt"
         resume = cfg.ckpt_path or (str(last) if last.is_file() else None)
         if resume:
-            _check_checkpoint(resume, task, "ckpt_path" if cfg.ckpt_path else f"run directory '{out}'",
-                              "or a new run directory" if not cfg.ckpt_path else "")
+            if cfg.ckpt_path:
+                _check_checkpoint(resume, task, "ckpt_path")
+            else:
+                _check_checkpoint(resume, task, f"run directory '{out}'", hint=", or a new run directory")
             log.info("resuming from %s", resume)
         trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
         fit_metrics = _floats(trainer.callback_metrics)
@@ -119,7 +121,7 @@ def _check_file(path: str, key: str) -> str:
     return str(path)
 
 
-def _check_checkpoint(path: str, task: pl.LightningModule, key: str, alternative: str = "") -> str:
+def _check_checkpoint(path: str, task: pl.LightningModule, key: str, hint: str = "") -> str:
     """A checkpoint of another network (other widths, depth, channels) would fail deep in Lightning with a
     many-line state_dict error: name the checkpoint and the first differences in one line instead."""
     _check_file(path, key)
@@ -137,7 +139,7 @@ def _check_checkpoint(path: str, task: pl.LightningModule, key: str, alternative
     if differences:
         more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
         raise SciMLError(f"{key}: '{path}' was saved by a different model ({'; '.join(differences[:3])}{more}): "
-                         f"use the model config it was trained with{(' ' + alternative) if alternative else ''}")
+                         f"use the model config it was trained with{hint}")
     return str(path)
 
 
