@@ -1,8 +1,15 @@
-"""The command line: `python -m sciml +plugin=NAME [overrides]`, `python -m sciml --list-plugins`."""
+"""The command line.
+
+    python -m sciml +plugin=NAME [overrides]         train, test and predict (Hydra; `-m` for sweeps)
+    python -m sciml predict CKPT INPUT... [-o DIR] [overrides]
+                                                     predict (and score, when labelled) files with a checkpoint
+    python -m sciml --list-plugins
+"""
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -37,15 +44,53 @@ def _plugin_names(argv: list[str]) -> list[str] | None:
     return None
 
 
-def check_command_line(argv: list[str]) -> None:
-    if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
-        return
+def check_command_line(argv: list[str]) -> list[str] | None:
+    """The plugins the command line selects (None for Hydra's information flags without one); a missing or unknown
+    plugin is a one-line error naming the installed plugins."""
     names = _plugin_names(argv)
+    if names is None and any(a.split("=")[0] in _INFO_FLAGS for a in argv):
+        return None
     available = plugins.installed()
     if names is None:
         raise SciMLError(f"no plugin selected: add +plugin=NAME (installed plugins: {', '.join(available)})")
     for name in names:
         plugins.load(name)  # raises a one-line error naming the installed plugins
+    return names
+
+
+def predict_command(argv: list[str]) -> list[str]:
+    """`predict CKPT INPUT... [-o DIR] [overrides]` as the Hydra command line of a test-only run: the plugin and
+    the data, model and task config come from the checkpoint (sciml.run.with_checkpoint_config)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sciml predict",
+                                     description="Predict files with a trained checkpoint; labelled files are also "
+                                                 "scored (metrics.json). Extra KEY=VALUE overrides are passed on.")
+    parser.add_argument("checkpoint", help="a checkpoint of a sciml run (RUN/checkpoints/best-*.ckpt or last.ckpt)")
+    parser.add_argument("inputs", nargs="+", help="files, folders or globs in the plugin's format")
+    parser.add_argument("-o", "--output", help="run directory for the predictions (default: "
+                                               "outputs/NAME/predict/DATE/TIME)")
+    args, rest = parser.parse_known_args(argv)
+    inputs = [a for a in args.inputs if "=" not in a]
+    overrides = rest + [a for a in args.inputs if "=" in a]
+    if not inputs:
+        raise SciMLError("predict: no input files given")
+    from sciml.run import saved_config  # torch only now: a checkpoint is read
+
+    record = saved_config(args.checkpoint)
+    if not record or not record.get("plugin"):
+        raise SciMLError(f"predict: {args.checkpoint} carries no sciml config (written by an older sciml?); use "
+                         "+plugin=NAME train=false ckpt_path=... with the training overrides instead")
+    paths = ",".join(_quote(str(Path(p).absolute())) for p in inputs)  # globs too: absolute() does not resolve
+    name = record["config"].get("name", record["plugin"])
+    out = args.output or f"outputs/{name}/predict/${{now:%Y-%m-%d}}/${{now:%H-%M-%S}}"
+    return [f"+plugin={record['plugin']}", "train=false", f"ckpt_path={_quote(str(Path(args.checkpoint).absolute()))}",
+            f"data.test_path=[{paths}]", f"hydra.run.dir={_quote(out) if args.output else out}", *overrides]
+
+
+def _quote(text: str) -> str:
+    """A value for Hydra's override grammar, quoted so that any path survives it."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def launch_id(default: str) -> str:
@@ -79,14 +124,27 @@ def main() -> None:
             print(f"{plugin.name:12s} {plugin.description}")
         return
     try:
-        check_command_line(argv)
+        if argv[:1] == ["predict"]:
+            argv = predict_command(argv[1:])
+            sys.argv = [sys.argv[0], *argv]  # Hydra reads sys.argv; DDP children re-run it
+        names = check_command_line(argv)
     except SciMLError as exc:
         print(f"sciml: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    searchpath.register()
+    setup(names)
+    _hydra_main()
+
+
+def setup(plugin_names: list[str] | None = None) -> None:
+    """Everything sciml registers before Hydra composes, in one explicit call: the selected plugins' config folders
+    (all installed plugins when none is selected) on the search path, the Optuna sweeper, the run-directory
+    resolver, the hybrid strategy and the Hydra-aware DDP launcher."""
+    from sciml import distributed
+
+    searchpath.register(plugin_names)
     sweepers.register()  # hydra/sweeper=optuna
     OmegaConf.register_new_resolver("sciml.launch_id", launch_id, replace=True)
-    _hydra_main()
+    distributed.setup()
 
 
 if __name__ == "__main__":

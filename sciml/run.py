@@ -1,7 +1,11 @@
 """One run: seed, build datamodule, model, task and trainer from the config; fit; test the best checkpoint;
-predict; write the run directory (config.yaml, metrics.json, checkpoints/, plots/, predictions/)."""
+predict; write the run directory (config.yaml, metrics.json, checkpoints/, plots/, predictions/).
+
+A test-only run (`train=false ckpt_path=CKPT`, and `python -m sciml predict`) rebuilds data, model and task from
+the config the checkpoint carries."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -13,10 +17,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sciml.distributed import launch  # also registers strategy "hybrid" with Lightning
+from sciml.data import DataModule, PredictionWriter
+from sciml.distributed import launch
 from sciml.errors import SciMLError
 
 log = logging.getLogger("sciml")
@@ -50,20 +55,92 @@ def run(cfg: DictConfig) -> float | None:
         if key not in cfg:
             raise SciMLError(f"the config has no '{key}': select a plugin with +plugin=NAME")
     out = Path(cfg.paths.output_dir)
+    cfg = with_checkpoint_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
+    hand_shapes_to_model(cfg, datamodule)
     model = instantiate(cfg.model)
     task = instantiate(cfg.task, model=model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(ConfigInCheckpoint(cfg))
+    if hasattr(datamodule, "write_predictions"):
+        callbacks.append(PredictionWriter(out / "predictions"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    # A datamodule that gives each rank its own shard (`shards_by_rank = True`) must not get Lightning's
-    # DistributedSampler on top, which would shard the shards.
-    sampler = {"use_distributed_sampler": False} if getattr(datamodule, "shards_by_rank", False) else {}
+    # sciml's datamodules give each rank its own shard: Lightning's DistributedSampler would shard the shards.
+    sharded = isinstance(datamodule, DataModule) or getattr(datamodule, "shards_by_rank", False)
+    sampler = {"use_distributed_sampler": False} if sharded else {}
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                       strategy=_strategy(cfg.strategy), **sampler)
     with launch.job_scope(trainer):  # ends this job's DDP processes and process group (multirun: before the next)
         return _fit_test_predict(cfg, trainer, task, datamodule, out)
+
+
+# -- the config a checkpoint carries ----------------------------------------------------------------------------------
+CHECKPOINT_KEY = "sciml"
+DOMAIN_KEYS = ("data", "model", "task")  # what a checkpoint's own config decides when it is tested or predicts
+
+
+class ConfigInCheckpoint(pl.Callback):
+    """Every checkpoint carries the run's resolved config and its plugin, so that `python -m sciml predict CKPT`
+    (and `train=false ckpt_path=CKPT`) rebuild the data, model and task with nothing else."""
+
+    def __init__(self, cfg: DictConfig):
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        self.record = {"plugin": choices.get("plugin"), "config": OmegaConf.to_container(cfg, resolve=True)}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint[CHECKPOINT_KEY] = self.record
+
+
+def saved_config(path: str | Path) -> dict | None:
+    """`{"plugin": name, "config": resolved config}` of a sciml checkpoint; None for checkpoints without one."""
+    _check_file(str(path), "ckpt_path")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as exc:
+        raise SciMLError(f"ckpt_path: '{path}' is not a readable Lightning checkpoint ({type(exc).__name__}: {exc})")
+    return checkpoint.get(CHECKPOINT_KEY)
+
+
+def with_checkpoint_config(cfg: DictConfig) -> DictConfig:
+    """A test-only run (`train=false ckpt_path=...`) takes data, model and task from the checkpoint's own config;
+    keys given on this command line (e.g. `data.test_path`, `data.batch_size`) still win."""
+    if cfg.train or not cfg.ckpt_path:
+        return cfg
+    record = saved_config(cfg.ckpt_path)
+    if record is None:
+        log.warning("ckpt_path: %s carries no config (an older checkpoint): using this run's config", cfg.ckpt_path)
+        return cfg
+    given = set()
+    if HydraConfig.initialized():
+        given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    saved = record["config"]
+    with open_dict(cfg):
+        for section in DOMAIN_KEYS:
+            merged = OmegaConf.create(saved[section])
+            for key in sorted(k for k in given if k.startswith(f"{section}.")):
+                OmegaConf.update(merged, key[len(section) + 1:], OmegaConf.select(cfg, key), force_add=True)
+            cfg[section] = merged
+    return cfg
+
+
+def hand_shapes_to_model(cfg: DictConfig, datamodule) -> None:
+    """The data's row shape becomes `model.input_shape` when the network takes one (no image sizes or channel
+    counts to keep in sync by hand). Files are opened and validated here, before anything is built."""
+    if not isinstance(datamodule, DataModule):
+        return
+    datamodule.prepare("fit" if cfg.train else "test")
+    shape = datamodule.input_shape
+    target = get_object(cfg.model._target_)
+    if shape is None or "input_shape" not in inspect.signature(target).parameters:
+        return
+    given = cfg.model.get("input_shape")
+    if given is not None and tuple(given) != tuple(shape):
+        raise SciMLError(f"model.input_shape={list(given)}, but the data's rows have shape {list(shape)}"
+                         + (" (the checkpoint was trained on other data)" if not cfg.train else ""))
+    with open_dict(cfg):
+        cfg.model.input_shape = list(shape)
 
 
 def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningModule,
@@ -93,20 +170,23 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
             raise SciMLError("train=false needs ckpt_path=PATH (a checkpoint of a trained run)")
         test_ckpt = _check_checkpoint(cfg.ckpt_path, task, "ckpt_path")
 
-    test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=test_ckpt)
-    predictions = _gather_on_rank_zero(trainer, trainer.predict(task, datamodule=datamodule, ckpt_path=test_ckpt))
+    scored = not isinstance(datamodule, DataModule) or datamodule.has_labels("test")
+    test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=test_ckpt) if scored else []
+    if not scored:
+        log.info("the test files have no labels: predicted, not scored")
+    if hasattr(datamodule, "write_predictions"):
+        trainer.predict(task, datamodule=datamodule, ckpt_path=test_ckpt, return_predictions=False)
 
     metrics = {**fit_metrics, **(_floats(test_metrics[0]) if test_metrics else {})}
     # the network's size, an objective of architecture searches (sciml/sweepers)
     metrics["model/params"] = float(sum(p.numel() for p in task.model.parameters()))
     if trainer.is_global_zero:
-        _save_predictions(datamodule, predictions, out / "predictions")
         tmp = out / ".metrics.json.tmp"  # written whole, then renamed: readers never see half a file
         tmp.write_text(json.dumps(dict(sorted(metrics.items())), indent=2, allow_nan=False))
         tmp.replace(out / "metrics.json")
         log.info("metrics: %s", json.dumps({k: round(v, 5) for k, v in sorted(metrics.items())}))
         log.info("run directory: %s", out)
-    return _objective(metrics, cfg.objective)
+    return _objective(metrics, cfg.objective) if cfg.train else metrics.get(cfg.objective)
 
 
 def _strategy(cfg: DictConfig):
@@ -164,44 +244,3 @@ def _objective(metrics: dict[str, float], name: str) -> float | None:
         log.warning("objective '%s' was not measured; metrics are: %s", name, ", ".join(sorted(metrics)))
         return None
     return metrics[name]
-
-
-def _gather_on_rank_zero(trainer: pl.Trainer, batches: list | None) -> list | None:
-    """Every rank's predict-step outputs on rank 0, in rank order (None on the other ranks).
-
-    Under DDP `trainer.predict` returns the outputs of this rank's part of the data only (the datamodule's own shard,
-    or Lightning's unpadded predict sampler): gathering them gives every row exactly once. Objects, not tensors, are
-    gathered because the ranks may hold different numbers of rows.
-    """
-    if trainer.world_size == 1 or not torch.distributed.is_initialized():
-        return batches
-    gathered = [None] * trainer.world_size if trainer.is_global_zero else None
-    torch.distributed.gather_object(batches or [], gathered, dst=0)
-    return [batch for rank_batches in gathered for batch in rank_batches] if trainer.is_global_zero else None
-
-
-def _save_predictions(datamodule, batches, directory: Path) -> None:
-    """Concatenate the predict-step outputs and hand them to the plugin's writer (domain format).
-
-    Each key becomes one array, or a list of per-sample arrays when samples differ in shape (whole volumes of
-    different sizes)."""
-    if not batches:
-        return
-    merged = {}
-    for key in batches[0]:
-        parts = [b[key] for b in batches]
-        if len({p.shape[1:] for p in parts}) == 1:
-            merged[key] = torch.cat(parts).numpy()
-        else:
-            merged[key] = [sample.numpy() for p in parts for sample in p]
-    directory.mkdir(parents=True, exist_ok=True)
-    writer = getattr(datamodule, "save_predictions", None)
-    if writer is None:
-        import numpy as np
-
-        arrays = {}
-        for key, value in merged.items():  # per-sample arrays as key_0, key_1, ...
-            arrays |= {f"{key}_{i}": v for i, v in enumerate(value)} if isinstance(value, list) else {key: value}
-        np.savez_compressed(directory / "predictions.npz", **arrays)
-    else:
-        writer(merged, directory)

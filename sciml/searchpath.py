@@ -11,10 +11,15 @@ from sciml import plugins
 
 
 class PluginConfigSearchPath(SearchPathPlugin):
+    selected: list[str] | None = None  # None: every installed plugin
+
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        for plugin in plugins.load_all():
+        chosen = plugins.load_all() if self.selected is None else [plugins.load(n) for n in self.selected]
+        for plugin in chosen:
             search_path.append(provider=f"sciml-plugin-{plugin.name}", path=f"file://{plugin.config_dir}")
 
 
-def register() -> None:
+def register(names: list[str] | None = None) -> None:
+    """Only the selected plugins are imported (a broken third-party plugin cannot break another's run)."""
+    PluginConfigSearchPath.selected = None if names is None else list(names)
     Plugins.instance().register(PluginConfigSearchPath)

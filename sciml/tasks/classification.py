@@ -82,9 +82,7 @@ class ClassificationTask(SciMLTask):
         self.metrics["test"].reset()
 
     def predict_step(self, batch, batch_idx):
-        out = {"score": self(batch["x"]).softmax(dim=1), "label": batch["y"]}
-        if "w" in batch:
-            out["weight"] = batch["w"]
-        if "index" in batch:
-            out["index"] = batch["index"]
+        out = {"score": self(batch["x"]).softmax(dim=1)}  # unlabelled files are predicted too
+        names = {"y": "label", "w": "weight", "index": "index"}
+        out |= {name: batch[key] for key, name in names.items() if key in batch}
         return {k: v.detach().cpu() for k, v in out.items()}

@@ -1,33 +1,35 @@
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader
+"""The example plugin's data: `.npz` files holding `x` (N, F) features and, when labelled, `y` (N,) classes."""
+from dataclasses import dataclass
+from pathlib import Path
 
-from sciml.data import TensorDictDataset, keep_batch
+import numpy as np
+
+from sciml.data import FileInfo, Reader
+from sciml.errors import SciMLError
 
 
-class Blobs(pl.LightningDataModule):
-    """Two Gaussian classes whose means differ by `separation` in every feature."""
+@dataclass
+class NpzReader(Reader):
+    features: int = 4  # expected number of features per row
+    patterns = ("*.npz",)
 
-    def __init__(self, n: int = 512, features: int = 4, separation: float = 2.0, batch_size: int = 64, seed: int = 0):
-        super().__init__()
-        self.batch_size, self.input_shape = batch_size, (features,)
-        g = torch.Generator().manual_seed(seed)
-        y = torch.arange(n) % 2
-        x = torch.randn(n, features, generator=g) + separation * y[:, None]
-        self.splits = {name: TensorDictDataset(x=x[part], y=y[part]) for name, part in
-                       (("train", slice(0, n // 2)), ("val", slice(n // 2, 3 * n // 4)), ("test", slice(3 * n // 4, n)))}
+    def default_path(self):
+        return Path(__file__).parent / "data" / "blobs.npz"
 
-    def _loader(self, split, shuffle=False):
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch)
+    def open(self, path):
+        with np.load(path) as f:
+            if "x" not in f or f["x"].ndim != 2 or f["x"].shape[1] != self.features:
+                raise SciMLError(f"{path}: expected 'x' of shape (N, {self.features}) (data.features)")
+            return FileInfo(path, len(f["x"]), (self.features,), labels="y" in f)
 
-    def train_dataloader(self):
-        return self._loader("train", shuffle=True)
+    def read(self, info, rows):
+        with np.load(info.path) as f:
+            out = {k: f[k][rows] for k in ("x", "y") if k in f}
+        if not np.isfinite(out["x"]).all():
+            raise SciMLError(f"{info.path}: NaN or infinite values in 'x'")
+        return {"x": out["x"].astype(np.float32), **({"y": out["y"].astype(np.int64)} if "y" in out else {})}
 
-    def val_dataloader(self):
-        return self._loader("val")
-
-    def test_dataloader(self):
-        return self._loader("test")
-
-    def predict_dataloader(self):
-        return self._loader("test")
+    def write(self, info, rows, outputs, directory):
+        target = directory / f"{info.path.stem}_scores.npz"
+        np.savez(tmp := directory / f".{target.name}.tmp.npz", row=rows, **outputs)
+        return [Path(tmp).replace(target)]

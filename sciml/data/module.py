@@ -1,0 +1,311 @@
+"""The core's datamodule: everything a domain needs from its data, once, around a plugin's `Reader`.
+
+It finds the files (`path`, `test_path`: a file, folder, glob or list; null = the plugin's embedded sample), splits
+the rows with a seed (by fraction or count, by groups such as days or cases, or in time order), gives each DDP rank
+its own shard (equal shards for training and validation, an exact partition for test and prediction, so metrics
+count every row once), keeps a rank's rows in memory when they fit the memory the process may use (otherwise reads
+them per batch), fits the input normalisation once on the training rows (kept in checkpoints), hands the input
+shape to the model config, and serves batches whole. Files without labels are predicted, not scored.
+
+Keys it does not own are the reader's options (`data.weight_key=null` sets the reader's `weight_key`).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import get_class
+from torch.utils.data import DataLoader, Dataset
+
+from sciml.data.datasets import Rows, keep_batch
+from sciml.data.normalize import NORMALIZERS, Normalizer
+from sciml.data.reader import Reader
+from sciml.data.sampler import EpochShuffle
+from sciml.data.splits import shard, split
+from sciml.errors import SciMLError
+
+log = logging.getLogger(__name__)
+STAGES = ("train", "val", "test")
+
+
+def memory_budget_bytes() -> float:
+    """Bytes this process may fill with data rows: half of what it may really use (its cgroup limit or the memory
+    available, whichever is smaller), divided among the ranks on the node."""
+    from sciml.resources import usable_memory_bytes
+
+    return 0.5 * usable_memory_bytes()
+
+
+class DataModule(pl.LightningDataModule):
+    """Args (`data.` keys):
+        reader: the plugin's `Reader` class (dotted path); the keys below not listed here are its options.
+        path: training data (file, folder, glob or list); null = the reader's embedded sample.
+        test_path: files that replace the test split (and are predicted); with it, `path` is split into training
+            and validation only, and a test-only or predict run opens only these files.
+        batch_size: per device. eval_batch_size: for validation, test and prediction (null: batch_size; rows of
+            different shapes are evaluated one per batch).
+        val_size, test_size: a fraction in [0, 1) or a count, of rows or (with group_by) of groups.
+        group_by: null (rows) or a group key of the reader ("file" always exists): whole groups go to one split.
+        split_order: random (seeded by split_seed) or last (sorted; the last groups test, those before validate).
+        test_groups: names of the test groups (with group_by), e.g. one day to leave out.
+        train_split: rest (train on what is not val or test) or all (train on every row: tiny demos only).
+        normalize: none, max, standard, or a `Normalizer` class (dotted path); fitted on the training rows.
+        max_memory_gb: auto (from the memory this process may use) or a number; rows beyond it are read per batch.
+        num_workers: DataLoader worker processes (reading and decoding in parallel).
+        seed: the training order (a function of seed and epoch, so a resumed run replays it exactly).
+    """
+
+    def __init__(self, reader: str | type[Reader], path=None, test_path=None, batch_size: int = 64,
+                 eval_batch_size: int | None = None, val_size: float = 0.15, test_size: float = 0.15,
+                 group_by: str | None = None, split_order: str = "random", test_groups: Sequence[str] | None = None,
+                 train_split: str = "rest", split_seed: int = 0, normalize: str = "none",
+                 max_memory_gb: float | str = "auto", num_workers: int = 0, seed: int = 0, **options):
+        super().__init__()
+        cls = get_class(reader) if isinstance(reader, str) else reader
+        if not (isinstance(cls, type) and issubclass(cls, Reader)):
+            raise SciMLError(f"data.reader: {reader} is not a sciml.data.Reader")
+        accepted = set(inspect.signature(cls).parameters)
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise SciMLError(f"data.{unknown[0]}: unknown key for {cls.__name__}; data keys are "
+                             f"{', '.join(sorted(accepted | set(_own_keys())))}")
+        self.reader: Reader = cls(**options)
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise SciMLError(f"data.batch_size={batch_size}, data.eval_batch_size={eval_batch_size}: must be >= 1")
+        if train_split not in ("rest", "all"):
+            raise SciMLError(f"data.train_split: '{train_split}' is not one of rest, all")
+        if max_memory_gb != "auto" and not isinstance(max_memory_gb, (int, float)):
+            raise SciMLError(f"data.max_memory_gb: expected auto or a number of GiB, got {max_memory_gb!r}")
+        self.path, self.test_path = path, test_path
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.val_size, self.test_size = val_size, (0 if test_path else test_size)
+        self.group_by, self.split_order, self.test_groups = group_by, split_order, test_groups
+        self.train_split, self.split_seed, self.seed = train_split, split_seed, seed
+        self.normalize, self.max_memory_gb = normalize, max_memory_gb
+        self.store = None       # the rows of `path`
+        self.test_store = None  # the rows tested and predicted (`test_path`, or `store`)
+        self.rows: dict[str, np.ndarray] = {}  # this rank's rows of each split
+        self.normalizer: Normalizer | None = None
+        self._normalizer_state: dict | None = None
+
+    @classmethod
+    def config_parameters(cls, node: Mapping) -> dict[str, inspect.Parameter]:
+        """The keys `data:` accepts: the module's own and the reader's (for config checks before any data is read)."""
+        params = {k: p for k, p in inspect.signature(cls).parameters.items() if p.kind != p.VAR_KEYWORD}
+        reader = node.get("reader")
+        if isinstance(reader, str):
+            params |= dict(inspect.signature(get_class(reader)).parameters)
+        return params
+
+    # -- files and shapes -----------------------------------------------------------------------------------------
+    def _open(self, path, key: str):
+        from sciml.data.store import RowStore
+
+        if path is None:
+            path = self.reader.default_path()
+            if path is None:
+                raise SciMLError(f"{key}: no files given and {type(self.reader).__name__} has no embedded sample")
+        return RowStore(self.reader, self.reader.find(path, key))
+
+    def prepare(self, stage: str = "fit") -> None:
+        """Open (validate) the files this stage needs, without reading rows: called before the model is built, so
+        that the data's shapes reach the model config."""
+        if self.store is None and (stage in ("fit", "validate") or not self.test_path):
+            self.store = self._open(self.path, "data.path")
+            if stage in ("fit", "validate") and not self.store.labels:
+                unlabelled = next(i.path for i in self.store.infos if not i.labels)
+                raise SciMLError(f"data.path: {unlabelled} has no labels; training needs them")
+        if self.test_store is None:
+            self.test_store = self._open(self.test_path, "data.test_path") if self.test_path else self.store
+            if self.store is not None and self.test_store is not self.store and \
+                    None not in (self.store.shape, self.test_store.shape) and self.store.shape != self.test_store.shape:
+                raise SciMLError(f"data.test_path: rows of shape {self.test_store.shape}, training data "
+                                 f"{self.store.shape}")
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """One row's input shape, e.g. (C, H, W); None before `prepare` or when rows differ in shape."""
+        store = self.store or self.test_store
+        return None if store is None else store.shape
+
+    def has_labels(self, split: str = "test") -> bool:
+        store = self.test_store if split == "test" else self.store
+        return store is not None and store.labels
+
+    # -- splits, shards, memory, statistics ----------------------------------------------------------------------------
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        # Lightning's DistributedSampler would split each rank's shard again (private attribute: no public accessor)
+        if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise SciMLError("sciml datamodules give each rank its own shard: build the Trainer with "
+                             "use_distributed_sampler=False (sciml.run does)")
+        return trainer.global_rank, trainer.world_size
+
+    def setup(self, stage: str) -> None:
+        """Split (seeded), keep this rank's shards, hold them in memory when they fit, fit the normalisation."""
+        self.prepare(stage)
+        rank, world = self._rank_and_world()
+        if self.store is not None and "train" not in self.rows:
+            groups = self.store.groups(self.group_by) if self.group_by else None
+            where = str(self.path or self.reader.default_path())
+            parts = split(len(self.store), self.val_size, self.test_size, self.split_seed, groups,
+                          self.split_order, self.test_groups, where)
+            if self.train_split == "all":
+                log.warning("data.train_split=all: validation and test rows are also trained on; their scores are "
+                            "not held-out estimates")
+                parts["train"] = np.arange(len(self.store))
+            if stage == "fit" and len(parts["train"]) < world:
+                raise SciMLError(f"data.path: {len(parts['train'])} training rows in {where}, fewer than the "
+                                 f"{world} ranks")
+            if stage == "fit" and len(parts["val"]) == 0:
+                raise SciMLError(f"data.val_size={self.val_size}: the validation split of {where} is empty; "
+                                 "training selects its best checkpoint on it")
+            self._train_all = shard(parts["train"], rank, world, equal=False)  # statistics see every training row
+            # Training and validation run through DDP's wrapped model, whose collectives need the same number of
+            # batches on every rank: equal shards. Test and predict need not: an exact partition.
+            self.rows["train"] = shard(parts["train"], rank, world, equal=True)
+            self.rows["val"] = shard(parts["val"], rank, world, equal=True)
+            if not self.test_path:
+                self.rows["test"] = shard(parts["test"], rank, world, equal=False)
+        if "test" not in self.rows and self.test_store is not None and self.test_store is not self.store:
+            self.rows["test"] = shard(np.arange(len(self.test_store)), rank, world, equal=False)
+        self._hold_in_memory()
+        if stage == "fit":
+            self._fit_normalizer()
+        where = f" (rank {rank} of {world})" if world > 1 else ""
+        log.info("data%s: %s", where, ", ".join(f"{k} {len(v)}" for k, v in self.rows.items()))
+
+    def _hold_in_memory(self) -> None:
+        budget = memory_budget_bytes() if self.max_memory_gb == "auto" else float(self.max_memory_gb) * 2**30
+        for store, splits in ((self.store, ("train", "val", "test")), (self.test_store, ("test",))):
+            if store is None or store.placed:
+                continue
+            wanted = [self._train_all if s == "train" else self.rows[s] for s in splits
+                      if s in self.rows and (s != "test" or store is self.test_store)]
+            if not wanted:
+                continue
+            rows = np.unique(np.concatenate(wanted))
+            held = store.load(rows, budget)
+            log.info("%d rows of %d file(s) %s (%.2f GiB; budget %.2f GiB%s)", len(rows), len(store.files),
+                     "held in memory" if held else "read per batch", len(rows) * store.row_bytes() / 2**30,
+                     budget / 2**30, ", data.max_memory_gb" if self.max_memory_gb != "auto" else "")
+
+    def _make_normalizer(self) -> Normalizer:
+        kind = self.normalize
+        cls = NORMALIZERS.get(kind) if kind in NORMALIZERS else get_class(kind) if "." in str(kind) else None
+        if cls is None or not issubclass(cls, Normalizer):
+            raise SciMLError(f"data.normalize: '{kind}' is not one of {', '.join(NORMALIZERS)} or a Normalizer class")
+        shape = self.input_shape
+        return cls(shape[0] if shape else 1)
+
+    def _fit_normalizer(self) -> None:
+        if self.normalizer is None:
+            self.normalizer = self._make_normalizer()
+            if self._normalizer_state:
+                self.normalizer.load_state_dict(self._normalizer_state)
+        if self.normalizer.fitted:
+            return
+        rows = np.sort(self._train_all)
+        block = max(1, int(64 * 2**20 // self.store.row_bytes()))
+        blocks = (self.store.read(rows[i:i + block])["x"] for i in range(0, len(rows), block))
+        self.normalizer.fit(blocks, self._reduce)
+        log.info("normalisation (%s) fitted on %d training rows: %s", self.normalize, len(rows),
+                 {k: np.round(v.numpy(), 4).tolist() for k, v in self.normalizer.state_dict().items()})
+
+    def _reduce(self, value: np.ndarray, op: str) -> np.ndarray:
+        """Sum or maximum of `value` over all ranks (every rank calls it)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return value
+        tensor = torch.as_tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
+        return trainer.strategy.reduce(tensor, reduce_op=op).cpu().numpy()
+
+    def class_frequencies(self) -> np.ndarray:
+        """Label counts per class over this rank's training rows (for class weights), read in blocks."""
+        rows = np.sort(self._train_all)
+        counts = np.zeros(0)
+        for i in range(0, len(rows), 256):
+            y = np.asarray(self.store.read(rows[i:i + 256])["y"]).astype(np.int64).ravel()
+            found = np.bincount(y)
+            counts = np.pad(counts, (0, max(0, len(found) - len(counts))))
+            counts[:len(found)] += found
+        return self._reduce(counts, "sum")
+
+    # -- loaders ----------------------------------------------------------------------------------------------
+    def train_dataset(self, rows: np.ndarray) -> Dataset:
+        """The training rows as a dataset (plugins may add per-row keys, e.g. `labeled`)."""
+        return Rows(self.store, rows)
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler=None) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=keep_batch,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=self._pin_memory())
+
+    def _pin_memory(self) -> bool:
+        trainer = self.trainer
+        return bool(trainer is not None and trainer.strategy.root_device.type == "cuda")
+
+    def _eval_batch_size(self, store) -> int:
+        if store is not None and store.shape is None:
+            return 1
+        return self.eval_batch_size or self.batch_size
+
+    def train_dataloader(self):
+        dataset = self.train_dataset(self.rows["train"])
+        return self._loader(dataset, self.batch_size, EpochShuffle(len(dataset), self.seed))
+
+    def val_dataloader(self):
+        return self._loader(Rows(self.store, self.rows["val"]), self._eval_batch_size(self.store))
+
+    def test_dataloader(self):
+        return self._loader(Rows(self.test_store, self.rows.get("test", np.zeros(0, np.int64))),
+                            self._eval_batch_size(self.test_store))
+
+    def predict_dataloader(self):
+        return self.test_dataloader()
+
+    # -- on the device ----------------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.normalizer is None:
+            self.normalizer = self._make_normalizer()
+            if self._normalizer_state:
+                self.normalizer.load_state_dict(self._normalizer_state)
+        if not self.normalizer.fitted:
+            raise SciMLError("no input normalisation statistics: train first, or test from a checkpoint of a "
+                             "trained run")
+        self.normalizer.to(batch["x"].device)
+        batch["x"] = self.normalizer(batch["x"])
+        return batch
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self):
+        state = {} if self.normalizer is None else {k: v.cpu() for k, v in self.normalizer.state_dict().items()}
+        return {"normalize": str(self.normalize), "normalizer": state}
+
+    def load_state_dict(self, state_dict):
+        self._normalizer_state = state_dict.get("normalizer") or None
+        if self.normalizer is not None and self._normalizer_state:
+            self.normalizer.load_state_dict(self._normalizer_state)
+
+    # -- predictions --------------------------------------------------------------------------------------------
+    def write_predictions(self, parts: list[Path], directory: Path) -> list[Path]:
+        """Merge the per-batch prediction parts of every rank and write them through the reader, one input file
+        at a time (memory: one file's predictions)."""
+        from sciml.data.predictions import merge_parts
+
+        return merge_parts(parts, self.test_store, directory)
+
+    def teardown(self, stage: str) -> None:
+        self.reader.close()
+
+
+def _own_keys() -> list[str]:
+    return [k for k, p in inspect.signature(DataModule).parameters.items() if p.kind != p.VAR_KEYWORD]
+
