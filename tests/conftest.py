@@ -50,6 +50,21 @@ def h5_file(tmp_path) -> Path:
     return write_h5(tmp_path / "images.h5")
 
 
+def pip_target(source: Path, target: Path) -> None:
+    """Install a package (not editable, no dependencies) into `target`, as a user's site-packages."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def example_plugin(tmp_path_factory) -> dict[str, str]:
+    """The third-party example plugin (tests/example_plugin) installed as a user would: the environment to run
+    `sciml(...)` with. The core's tests use it as their fixture: it knows no domain."""
+    target = tmp_path_factory.mktemp("example_site")
+    pip_target(ROOT / "tests" / "example_plugin", target)
+    return {"PYTHONPATH": str(target)}
+
+
 def sciml(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run the CLI as a user would: `python -m sciml ...` in a fresh process."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}

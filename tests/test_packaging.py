@@ -7,18 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, sciml
-
-
-def _pip_target(source: Path, target: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True, capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def example_plugin(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
-    _pip_target(ROOT / "tests" / "example_plugin", target)
-    return {"PYTHONPATH": str(target)}
+from conftest import pip_target as _pip_target
 
 
 def test_third_party_plugin_is_discovered_and_trains(example_plugin, tmp_path):

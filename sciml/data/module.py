@@ -205,11 +205,21 @@ class DataModule(pl.LightningDataModule):
         shape = self.input_shape
         return cls(shape[0] if shape else 1)
 
-    def _fit_normalizer(self) -> None:
+    def _ensure_normalizer(self) -> Normalizer:
+        """The normaliser, with the checkpoint's statistics when there are any. Built outside inference mode:
+        its buffers are updated in place later (a fit, a checkpoint restored after a test)."""
         if self.normalizer is None:
-            self.normalizer = self._make_normalizer()
-            if self._normalizer_state:
-                self.normalizer.load_state_dict(self._normalizer_state)
+            with torch.inference_mode(False):
+                self.normalizer = self._make_normalizer()
+        if self._normalizer_state:
+            with torch.inference_mode(False):
+                self.normalizer.load_state_dict({k: torch.as_tensor(v).clone()
+                                                 for k, v in self._normalizer_state.items()})
+            self._normalizer_state = None
+        return self.normalizer
+
+    def _fit_normalizer(self) -> None:
+        self._ensure_normalizer()
         if self.normalizer.fitted:
             return
         rows = np.sort(self._train_all)
@@ -273,10 +283,7 @@ class DataModule(pl.LightningDataModule):
 
     # -- on the device ----------------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        if self.normalizer is None:
-            self.normalizer = self._make_normalizer()
-            if self._normalizer_state:
-                self.normalizer.load_state_dict(self._normalizer_state)
+        self._ensure_normalizer()
         if not self.normalizer.fitted:
             raise SciMLError("no input normalisation statistics: train first, or test from a checkpoint of a "
                              "trained run")
@@ -291,8 +298,8 @@ class DataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict):
         self._normalizer_state = state_dict.get("normalizer") or None
-        if self.normalizer is not None and self._normalizer_state:
-            self.normalizer.load_state_dict(self._normalizer_state)
+        if self.normalizer is not None:
+            self._ensure_normalizer()
 
     # -- predictions --------------------------------------------------------------------------------------------
     def write_predictions(self, parts: list[Path], directory: Path) -> list[Path]:

@@ -1,0 +1,219 @@
+"""The core's data layer against references: splits, shards, the row store, normalisation, streamed predictions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sciml.data import DataModule, FileInfo, MaxScale, Reader, RowStore, Standardize, shard, split
+from sciml.data.predictions import merge_parts
+from sciml.errors import SciMLError
+
+
+@dataclass
+class Npz(Reader):
+    """A minimal reader: `x` (N, F), optional `y`, a per-row group `g`."""
+
+    features: int = 3
+    patterns = ("*.npz",)
+
+    def open(self, path):
+        with np.load(path) as f:
+            groups = {"g": f["g"]} if "g" in f else {}
+            return FileInfo(path, len(f["x"]), (self.features,), labels="y" in f, groups=groups)
+
+    def read(self, info, rows):
+        self.reads = getattr(self, "reads", 0) + 1
+        with np.load(info.path) as f:
+            return {k: f[k][rows] for k in ("x", "y") if k in f}
+
+    def write(self, info, rows, outputs, directory):
+        target = directory / f"{info.path.stem}.npz"
+        np.savez(target, row=rows, **outputs)
+        return [target]
+
+
+def write(path: Path, n: int, start: int = 0, labels: bool = True, groups=None) -> Path:
+    x = (np.arange(start, start + n, dtype=np.float32)[:, None] * [1.0, 10.0, -2.0]).astype(np.float32)
+    arrays = {"x": x, **({"y": (np.arange(start, start + n) % 2).astype(np.int64)} if labels else {})}
+    if groups is not None:
+        arrays["g"] = np.asarray(groups)
+    np.savez(path, **arrays)
+    return path
+
+
+# -- splits and shards ------------------------------------------------------------------------------------------
+def test_split_by_fraction_is_seeded_disjoint_and_complete():
+    a, b = split(100, 0.2, 0.1, seed=3), split(100, 0.2, 0.1, seed=3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [len(a[k]) for k in ("train", "val", "test")] == [70, 20, 10]
+    assert np.array_equal(np.sort(np.concatenate(list(a.values()))), np.arange(100))
+    assert not np.array_equal(split(100, 0.2, 0.1, seed=4)["test"], a["test"])
+
+
+def test_split_counts_and_time_order():
+    parts = split(10, 2, 3, seed=0, order="last")
+    assert parts["test"].tolist() == [7, 8, 9] and parts["val"].tolist() == [5, 6]
+
+
+def test_group_split_keeps_groups_whole():
+    days = np.repeat(["2015-05-20", "2015-05-21", "2015-05-22", "2015-05-23", "2015-05-24"], [3, 1, 4, 2, 5])
+    parts = split(len(days), 1, 2, seed=0, groups=days, order="last")
+    assert set(days[parts["test"]]) == {"2015-05-23", "2015-05-24"} and set(days[parts["val"]]) == {"2015-05-22"}
+    random = split(len(days), 1, 1, seed=5, groups=days)
+    for name, rows in random.items():
+        others = np.concatenate([r for k, r in random.items() if k != name])
+        assert not set(days[rows]) & set(days[others]), name
+    left_out = split(len(days), 1, 0, seed=0, groups=days, order="last", test_groups=["2015-05-21"])
+    assert left_out["test"].tolist() == [3] and set(days[left_out["val"]]) == {"2015-05-24"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"val_size": 11}, "a count between 0 and 10"),
+    ({"val_size": 1.5}, "a fraction must be in"),
+    ({"val_size": 0.5, "test_size": 0.5}, "no rows left for training"),
+    ({"test_groups": ["x"]}, "needs data.group_by"),
+    ({"order": "time"}, "split_order"),
+])
+def test_split_errors_name_the_key(kwargs, message):
+    args = {"val_size": 0.2, "test_size": 0.2, "seed": 0} | kwargs
+    with pytest.raises(SciMLError, match=message):
+        split(10, **args)
+
+
+def test_shards_partition_test_rows_and_equalise_training():
+    rows = np.arange(11)
+    exact = [shard(rows, r, 3, equal=False) for r in range(3)]
+    assert np.array_equal(np.sort(np.concatenate(exact)), rows)
+    equal = [shard(rows, r, 3, equal=True) for r in range(3)]
+    assert {len(s) for s in equal} == {3} and not set(equal[0]) & set(equal[1])
+
+
+# -- the row store ----------------------------------------------------------------------------------------------
+def test_store_reads_rows_across_files_in_any_order(tmp_path):
+    store = RowStore(Npz(), [write(tmp_path / "a.npz", 5), write(tmp_path / "b.npz", 7, start=5)])
+    index = np.array([9, 0, 5, 4, 9, 11])
+    lazy = store.read(index)
+    assert np.array_equal(lazy["x"][:, 0], index) and np.array_equal(lazy["y"], index % 2)
+    assert np.array_equal(lazy["index"], index)
+    assert store.load(np.arange(12), max_bytes=1e9) and store.in_memory
+    reads = store.reader.reads
+    held = store.read(index)
+    assert store.reader.reads == reads, "rows held in memory are not read again"
+    assert all(np.array_equal(lazy[k], held[k]) for k in lazy)
+
+
+def test_store_falls_back_to_per_batch_reads_when_over_budget(tmp_path):
+    store = RowStore(Npz(), [write(tmp_path / "a.npz", 50)])
+    assert not store.load(np.arange(50), max_bytes=49 * 3 * 4) and not store.in_memory
+    assert store.read(np.array([3]))["x"][0, 1] == 30.0
+
+
+def test_store_rejects_files_that_disagree(tmp_path):
+    write(tmp_path / "a.npz", 5)
+    np.savez(tmp_path / "b.npz", x=np.zeros((3, 3), np.float32), y=np.zeros(3, np.int64))
+    with pytest.raises(SciMLError, match="b.npz: rows of shape"):
+        RowStore(_ShapeFromFile(), [tmp_path / "a.npz", tmp_path / "b.npz"])
+
+
+@dataclass
+class _ShapeFromFile(Npz):
+    def open(self, path):
+        info = super().open(path)
+        with np.load(path) as f:
+            info.shape = (f["x"].shape[1], int(f["x"][:, 0].sum() == 0))  # differs between the two files
+        return info
+
+
+def test_unlabelled_files_make_an_unlabelled_store(tmp_path):
+    store = RowStore(Npz(), [write(tmp_path / "a.npz", 4), write(tmp_path / "b.npz", 4, labels=False)])
+    assert not store.labels and "y" not in store.read(np.arange(8))
+
+
+# -- normalisation --------------------------------------------------------------------------------------------------
+def test_standardize_matches_numpy_over_blocks_and_ranks():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(40, 3, 4, 4)) * np.array([1, 10, 0.1])[None, :, None, None]
+    norm = Standardize(3)
+    norm.fit(np.array_split(x, 7))
+    assert np.allclose(norm.mean.numpy(), x.mean(axis=(0, 2, 3)), rtol=1e-5)
+    assert np.allclose(norm.std.numpy(), x.std(axis=(0, 2, 3)), rtol=1e-4)
+    halves = [Standardize(3) for _ in range(2)]
+    partial = [h.partial(part) for h, part in zip(halves, np.array_split(x, 2))]
+    totals = {k: partial[0][k] + partial[1][k] for k in partial[0]}  # what a sum over two ranks gives
+    halves[0].finish(totals)
+    assert torch.allclose(halves[0].mean, norm.mean) and torch.allclose(halves[0].std, norm.std)
+    out = norm(torch.as_tensor(x, dtype=torch.float32))
+    assert torch.allclose(out.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+
+
+def test_max_scale_keeps_zero_and_survives_a_state_dict_round_trip():
+    x = np.abs(np.random.default_rng(1).normal(size=(10, 2, 3, 3)))
+    x[:, 1] = 0.0  # an empty channel stays empty
+    norm = MaxScale(2)
+    assert not norm.fitted
+    norm.fit([x])
+    restored = MaxScale(2)
+    restored.load_state_dict(norm.state_dict())
+    out = restored(torch.as_tensor(x, dtype=torch.float32))
+    assert restored.fitted and float(out[:, 0].max()) == pytest.approx(1.0) and float(out[:, 1].abs().max()) == 0
+
+
+# -- the datamodule -----------------------------------------------------------------------------------------------
+def test_datamodule_forwards_its_unknown_keys_to_the_reader(tmp_path):
+    dm = DataModule(reader=Npz, path=str(write(tmp_path / "a.npz", 20)), features=3)
+    assert dm.reader.features == 3
+    with pytest.raises(SciMLError, match="data.featurs: unknown key for Npz"):
+        DataModule(reader=Npz, featurs=3)
+    params = DataModule.config_parameters({"reader": f"{__name__}.Npz"})
+    assert "features" in params and "batch_size" in params
+
+
+def test_datamodule_splits_by_group_and_fits_statistics_on_training_rows(tmp_path):
+    groups = np.repeat(np.arange(10), 3)
+    path = write(tmp_path / "a.npz", 30, groups=groups)
+    dm = DataModule(reader=Npz, path=str(path), group_by="g", val_size=2, test_size=2, split_order="last",
+                    normalize="standard", batch_size=4)
+    dm.setup("fit")
+    assert dm.rows["test"].tolist() == list(range(24, 30)) and dm.rows["val"].tolist() == list(range(18, 24))
+    assert np.allclose(dm.normalizer.mean.numpy(), np.arange(18).mean() * np.array([1, 10, -2]), rtol=1e-6)
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["x"]) for b in batches) == 18
+    first_epoch = torch.cat([b["index"] for b in batches])
+    again = torch.cat([b["index"] for b in dm.train_dataloader()])
+    assert torch.equal(first_epoch, again), "the order is a function of (seed, epoch)"
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    assert not torch.equal(torch.cat([b["index"] for b in loader]), first_epoch)
+    state = dm.state_dict()
+    fresh = DataModule(reader=Npz, test_path=str(path), normalize="standard")
+    fresh.load_state_dict(state)
+    fresh.setup("test")
+    batch = fresh.on_after_batch_transfer(next(iter(fresh.test_dataloader())), 0)
+    expected = (np.arange(batch["x"].shape[0])[:, None] * [1, 10, -2] - dm.normalizer.mean.numpy()) / \
+        dm.normalizer.std.numpy()
+    assert np.allclose(batch["x"].numpy(), expected, atol=1e-5)
+
+
+def test_predict_parts_merge_per_file_in_row_order(tmp_path):
+    files = [write(tmp_path / "a.npz", 5), write(tmp_path / "b.npz", 4, start=5, labels=False)]
+    store = RowStore(Npz(), files)
+    parts_dir = tmp_path / "parts"
+    parts_dir.mkdir()
+    for rank, index in enumerate([np.array([8, 0, 6, 2]), np.array([1, 3, 5]), np.array([7, 4])]):
+        np.savez(parts_dir / f"rank{rank}.npz", index=index, score=index * 10.0)
+    out = tmp_path / "out"
+    written = merge_parts(sorted(parts_dir.glob("*.npz")), store, out)
+    assert [p.name for p in written] == ["a.npz", "b.npz"]
+    a, b = np.load(out / "a.npz"), np.load(out / "b.npz")
+    assert a["row"].tolist() == [0, 1, 2, 3, 4] and a["score"].tolist() == [0, 10, 20, 30, 40]
+    assert b["row"].tolist() == [0, 1, 2, 3] and b["score"].tolist() == [50, 60, 70, 80]
+
+
+def test_empty_validation_split_is_refused_before_training(tmp_path):
+    dm = DataModule(reader=Npz, path=str(write(tmp_path / "a.npz", 10)), val_size=0, test_size=0.2)
+    with pytest.raises(SciMLError, match="data.val_size=0: the validation split of .* is empty"):
+        dm.setup("fit")
