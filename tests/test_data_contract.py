@@ -185,9 +185,8 @@ def test_datamodule_splits_by_group_and_fits_statistics_on_training_rows(tmp_pat
     first_epoch = torch.cat([b["index"] for b in batches])
     again = torch.cat([b["index"] for b in dm.train_dataloader()])
     assert torch.equal(first_epoch, again), "the order is a function of (seed, epoch)"
-    loader = dm.train_dataloader()
-    loader.sampler.set_epoch(1)
-    assert not torch.equal(torch.cat([b["index"] for b in loader]), first_epoch)
+    dm._epoch = lambda: 1  # the loader asks the trainer for the epoch when an epoch starts
+    assert not torch.equal(torch.cat([b["index"] for b in dm.train_dataloader()]), first_epoch)
     state = dm.state_dict()
     fresh = DataModule(reader=Npz, test_path=str(path), normalize="standard")
     fresh.load_state_dict(state)
@@ -217,3 +216,37 @@ def test_empty_validation_split_is_refused_before_training(tmp_path):
     dm = DataModule(reader=Npz, path=str(write(tmp_path / "a.npz", 10)), val_size=0, test_size=0.2)
     with pytest.raises(SciMLError, match="data.val_size=0: the validation split of .* is empty"):
         dm.setup("fit")
+
+
+def test_streaming_reads_whole_chunks_and_visits_every_training_row_once_per_epoch(tmp_path):
+    files = [write(tmp_path / "a.npz", 230), write(tmp_path / "b.npz", 170, start=230)]
+    held = DataModule(reader=Npz, path=[str(f) for f in files], normalize="standard", batch_size=16)
+    held.setup("fit")
+    streamed = DataModule(reader=Npz, path=[str(f) for f in files], normalize="standard", batch_size=16,
+                          max_memory_gb=1e-6, stream_chunk_rows=20, shuffle_buffer_mb=3 * 20 * 12 / 2**20)
+    streamed.setup("fit")
+    assert streamed.streamed and not streamed.store.in_memory and not held.streamed
+    assert np.array_equal(np.sort(streamed.rows["train"]), np.sort(held.rows["train"]))
+    assert torch.allclose(streamed.normalizer.mean, held.normalizer.mean)
+    epochs = []
+    for epoch in (0, 1, 0):
+        streamed._epoch = lambda e=epoch: e
+        batches = list(streamed.train_dataloader())
+        index = torch.cat([b["index"] for b in batches]).numpy()
+        assert np.array_equal(np.sort(index), np.sort(streamed.rows["train"])), "every row once per epoch"
+        assert len(batches) == len(streamed.train_dataloader())
+        for b in batches:  # a batch mixes at most 3 chunks (the buffer), never the whole split
+            chunks = {(int(i) // 230, (int(i) - 230 * (int(i) >= 230)) // 20) for i in b["index"]}
+            assert len(chunks) <= 3
+        epochs.append(index)
+    assert not np.array_equal(epochs[0], epochs[1]) and np.array_equal(epochs[0], epochs[2])
+
+
+def test_streamed_shards_are_equal_and_disjoint_across_ranks(tmp_path):
+    from sciml.data.stream import chunks_of, shard_chunks
+
+    store = RowStore(Npz(), [write(tmp_path / "a.npz", 95)])
+    chunks = chunks_of(store, np.arange(95), 10)
+    assert [len(c) for c in chunks] == [10] * 9 + [5]
+    shards = [np.concatenate(shard_chunks(chunks, r, 2)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 45 and not set(shards[0]) & set(shards[1])

@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from sciml.data.datasets import Rows, keep_batch
 from sciml.data.normalize import NORMALIZERS, Normalizer
 from sciml.data.reader import Reader
-from sciml.data.sampler import EpochShuffle
+from sciml.data.sampler import EpochLoader, EpochShuffle
 from sciml.data.splits import shard, split
+from sciml.data.stream import ChunkStream, chunks_of, shard_chunks, worker_init
 from sciml.errors import SciMLError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ class DataModule(pl.LightningDataModule):
         test_groups: names of the test groups (with group_by), e.g. one day to leave out.
         train_split: rest (train on what is not val or test) or all (train on every row: tiny demos only).
         normalize: none, max, standard, or a `Normalizer` class (dotted path); fitted on the training rows.
-        max_memory_gb: auto (from the memory this process may use) or a number; rows beyond it are read per batch.
+        max_memory_gb: auto (from the memory this process may use) or a number; a rank's rows beyond it are not held:
+            training rows are streamed (chunk-aware shuffling, sciml/data/stream.py), others read per batch.
+        stream_chunk_rows: rows per chunk when streaming (null: the file's own chunking, else 1024).
+        shuffle_buffer_mb: rows shuffled together when streaming (a buffer of whole chunks).
         num_workers: DataLoader worker processes (reading and decoding in parallel).
         seed: the training order (a function of seed and epoch, so a resumed run replays it exactly).
     """
@@ -64,7 +68,8 @@ class DataModule(pl.LightningDataModule):
                  eval_batch_size: int | None = None, val_size: float = 0.15, test_size: float = 0.15,
                  group_by: str | None = None, split_order: str = "random", test_groups: Sequence[str] | None = None,
                  train_split: str = "rest", split_seed: int = 0, normalize: str = "none",
-                 max_memory_gb: float | str = "auto", num_workers: int = 0, seed: int = 0, **options):
+                 max_memory_gb: float | str = "auto", stream_chunk_rows: int | None = None,
+                 shuffle_buffer_mb: float = 256, num_workers: int = 0, seed: int = 0, **options):
         super().__init__()
         cls = get_class(reader) if isinstance(reader, str) else reader
         if not (isinstance(cls, type) and issubclass(cls, Reader)):
@@ -87,6 +92,8 @@ class DataModule(pl.LightningDataModule):
         self.group_by, self.split_order, self.test_groups = group_by, split_order, test_groups
         self.train_split, self.split_seed, self.seed = train_split, split_seed, seed
         self.normalize, self.max_memory_gb = normalize, max_memory_gb
+        self.stream_chunk_rows, self.shuffle_buffer_mb = stream_chunk_rows, shuffle_buffer_mb
+        self.streamed = False   # training rows read chunk by chunk (they do not fit in memory)
         self.store = None       # the rows of `path`
         self.test_store = None  # the rows tested and predicted (`test_path`, or `store`)
         self.rows: dict[str, np.ndarray] = {}  # this rank's rows of each split
@@ -149,7 +156,8 @@ class DataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def setup(self, stage: str) -> None:
-        """Split (seeded), keep this rank's shards, hold them in memory when they fit, fit the normalisation."""
+        """Split (seeded), keep this rank's shards, hold them in memory when they fit (otherwise stream the training
+        rows chunk by chunk), fit the normalisation."""
         self.prepare(stage)
         rank, world = self._rank_and_world()
         if self.store is not None and "train" not in self.rows:
@@ -167,12 +175,21 @@ class DataModule(pl.LightningDataModule):
             if stage == "fit" and len(parts["val"]) == 0:
                 raise SciMLError(f"data.val_size={self.val_size}: the validation split of {where} is empty; "
                                  "training selects its best checkpoint on it")
-            self._train_all = shard(parts["train"], rank, world, equal=False)  # statistics see every training row
-            # Training and validation run through DDP's wrapped model, whose collectives need the same number of
-            # batches on every rank: equal shards. Test and predict need not: an exact partition.
-            self.rows["train"] = shard(parts["train"], rank, world, equal=True)
+            own = sum(len(parts[k]) for k in ("train", "val", "test")
+                      if k != "test" or self.test_store is self.store) / world
+            self.streamed = own * self.store.row_bytes() > self._budget()
+            if self.streamed:
+                chunks = chunks_of(self.store, parts["train"], self.stream_chunk_rows)
+                self._train_chunks = shard_chunks(chunks, rank, world)
+                self._train_all = np.concatenate(chunks[rank::world])  # statistics see every training row
+                self.rows["train"] = np.concatenate(self._train_chunks)
+            else:
+                # Training and validation run through DDP's wrapped model, whose collectives need the same number
+                # of batches on every rank: equal shards.
+                self._train_all = shard(parts["train"], rank, world, equal=False)
+                self.rows["train"] = shard(parts["train"], rank, world, equal=True)
             self.rows["val"] = shard(parts["val"], rank, world, equal=True)
-            if not self.test_path:
+            if not self.test_path:  # test and predict need no equal shards: an exact partition
                 self.rows["test"] = shard(parts["test"], rank, world, equal=False)
         if "test" not in self.rows and self.test_store is not None and self.test_store is not self.store:
             self.rows["test"] = shard(np.arange(len(self.test_store)), rank, world, equal=False)
@@ -182,8 +199,13 @@ class DataModule(pl.LightningDataModule):
         where = f" (rank {rank} of {world})" if world > 1 else ""
         log.info("data%s: %s", where, ", ".join(f"{k} {len(v)}" for k, v in self.rows.items()))
 
+    def _budget(self) -> float:
+        if self.max_memory_gb == "auto":
+            return memory_budget_bytes()
+        return float(self.max_memory_gb) * 2**30
+
     def _hold_in_memory(self) -> None:
-        budget = memory_budget_bytes() if self.max_memory_gb == "auto" else float(self.max_memory_gb) * 2**30
+        budget = self._budget()
         for store, splits in ((self.store, ("train", "val", "test")), (self.test_store, ("test",))):
             if store is None or store.placed:
                 continue
@@ -192,10 +214,14 @@ class DataModule(pl.LightningDataModule):
             if not wanted:
                 continue
             rows = np.unique(np.concatenate(wanted))
-            held = store.load(rows, budget)
-            log.info("%d rows of %d file(s) %s (%.2f GiB; budget %.2f GiB%s)", len(rows), len(store.files),
-                     "held in memory" if held else "read per batch", len(rows) * store.row_bytes() / 2**30,
-                     budget / 2**30, ", data.max_memory_gb" if self.max_memory_gb != "auto" else "")
+            held = not (store is self.store and self.streamed) and store.load(rows, budget)
+            store.placed = True
+            how = "held in memory" if held else "streamed in chunks" if store is self.store and self.streamed \
+                else "read per batch"
+            log.info("%d rows of %d file(s): %s (%.2f GiB; budget %.2f GiB%s)", len(rows), len(store.files), how,
+                     len(rows) * store.row_bytes() / 2**30, budget / 2**30,
+                     " from data.max_memory_gb" if self.max_memory_gb != "auto" else
+                     " from this process's memory limit")
 
     def _make_normalizer(self) -> Normalizer:
         kind = self.normalize
@@ -267,9 +293,21 @@ class DataModule(pl.LightningDataModule):
             return 1
         return self.eval_batch_size or self.batch_size
 
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     def train_dataloader(self):
+        if self.streamed:
+            buffer = max(1, int(self.shuffle_buffer_mb * 2**20 // (self.store.row_bytes() *
+                                                                   max(len(c) for c in self._train_chunks))))
+            stream = ChunkStream(self.store, self._train_chunks, self.batch_size, buffer, self.seed)
+            # workers re-created each epoch: they take the epoch's order with them
+            return EpochLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=worker_init,
+                               pin_memory=self._pin_memory(), epoch=self._epoch)
         dataset = self.train_dataset(self.rows["train"])
-        return self._loader(dataset, self.batch_size, EpochShuffle(len(dataset), self.seed))
+        return EpochLoader(dataset, batch_size=self.batch_size, sampler=EpochShuffle(len(dataset), self.seed),
+                           collate_fn=keep_batch, num_workers=self.num_workers,
+                           persistent_workers=self.num_workers > 0, pin_memory=self._pin_memory(), epoch=self._epoch)
 
     def val_dataloader(self):
         return self._loader(Rows(self.store, self.rows["val"]), self._eval_batch_size(self.store))
