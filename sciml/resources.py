@@ -15,12 +15,12 @@ def _read_number(path: Path) -> float | None:
     return None if text in ("", "max") else float(text)
 
 
-def cgroup_memory_limit(root: Path = CGROUP) -> float | None:
+def cgroup_memory_limit(root: Path = CGROUP, membership: Path = Path("/proc/self/cgroup")) -> float | None:
     """This process's cgroup memory limit in bytes (v2 `memory.max` or v1 `memory.limit_in_bytes`), None if
-    unlimited. The process's own cgroup is found through /proc/self/cgroup."""
+    unlimited. The process's own cgroup is found through /proc/self/cgroup (`membership`)."""
     limits = []
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = membership.read_text().splitlines()
     except OSError:
         lines = []
     for line in lines:
