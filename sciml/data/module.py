@@ -78,7 +78,7 @@ class DataModule(pl.LightningDataModule):
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise SciMLError(f"data.{unknown[0]}: unknown key for {cls.__name__}; data keys are "
-                             f"{', '.join(sorted(accepted | set(_own_keys())))}")
+                             f"{', '.join(sorted(accepted | set(_own_parameters(type(self)))))}")
         self.reader: Reader = cls(**options)
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise SciMLError(f"data.batch_size={batch_size}, data.eval_batch_size={eval_batch_size}: must be >= 1")
@@ -96,14 +96,16 @@ class DataModule(pl.LightningDataModule):
         self.streamed = False   # training rows read chunk by chunk (they do not fit in memory)
         self.store = None       # the rows of `path`
         self.test_store = None  # the rows tested and predicted (`test_path`, or `store`)
-        self.rows: dict[str, np.ndarray] = {}  # this rank's rows of each split
+        self.split_rows: dict[str, np.ndarray] = {}  # the rows of each split of `path`, all ranks' (not sharded)
+        self.rows: dict[str, np.ndarray] = {}  # this rank's rows of each split (training: the equal shard)
+        self.train_rows = np.zeros(0, dtype=np.int64)  # this rank's share of every training row (see setup)
         self.normalizer: Normalizer | None = None
         self._normalizer_state: dict | None = None
 
     @classmethod
     def config_parameters(cls, node: Mapping) -> dict[str, inspect.Parameter]:
         """The keys `data:` accepts: the module's own and the reader's (for config checks before any data is read)."""
-        params = {k: p for k, p in inspect.signature(cls).parameters.items() if p.kind != p.VAR_KEYWORD}
+        params = _own_parameters(cls)
         reader = node.get("reader")
         if isinstance(reader, str):
             params |= dict(inspect.signature(get_class(reader)).parameters)
@@ -129,8 +131,10 @@ class DataModule(pl.LightningDataModule):
                 raise SciMLError(f"data.path: {unlabelled} has no labels; training needs them")
         if self.test_store is None:
             self.test_store = self._open(self.test_path, "data.test_path") if self.test_path else self.store
+            fixed = type(self.reader).fixed_dims  # the dimensions a trained network is bound to
             if self.store is not None and self.test_store is not self.store and \
-                    None not in (self.store.shape, self.test_store.shape) and self.store.shape != self.test_store.shape:
+                    None not in (self.store.shape, self.test_store.shape) and \
+                    self.store.shape[:fixed] != self.test_store.shape[:fixed]:
                 raise SciMLError(f"data.test_path: rows of shape {self.test_store.shape}, training data "
                                  f"{self.store.shape}")
 
@@ -172,22 +176,28 @@ class DataModule(pl.LightningDataModule):
             if stage == "fit" and len(parts["train"]) < world:
                 raise SciMLError(f"data.path: {len(parts['train'])} training rows in {where}, fewer than the "
                                  f"{world} ranks")
-            if stage == "fit" and len(parts["val"]) == 0:
+            self.split_rows = {k: v for k, v in parts.items() if k != "test" or not self.test_path}
+            validates = self.trainer is None or self.trainer.limit_val_batches != 0
+            if stage == "fit" and len(parts["val"]) == 0 and validates:
                 raise SciMLError(f"data.val_size={self.val_size}: the validation split of {where} is empty; "
-                                 "training selects its best checkpoint on it")
+                                 "training selects its best checkpoint on it (+trainer.limit_val_batches=0 "
+                                 "trains without validation)")
             own = sum(len(parts[k]) for k in ("train", "val", "test")
                       if k != "test" or self.test_store is self.store) / world
             self.streamed = own * self.store.row_bytes() > self._budget()
+            # `train_rows`: this rank's share of every training row (the ranks' shares hold each once): statistics,
+            # and plugins that draw their own samples. rows["train"]: cut to equal shards, because training and
+            # validation run through DDP's wrapped model, whose collectives need the same number of batches on
+            # every rank.
             if self.streamed:
                 chunks = chunks_of(self.store, parts["train"], self.stream_chunk_rows)
                 self._train_chunks = shard_chunks(chunks, rank, world)
-                self._train_all = np.concatenate(chunks[rank::world])  # statistics see every training row
+                self.train_rows = np.concatenate(chunks[rank::world])
                 self.rows["train"] = np.concatenate(self._train_chunks)
             else:
-                # Training and validation run through DDP's wrapped model, whose collectives need the same number
-                # of batches on every rank: equal shards.
-                self._train_all = shard(parts["train"], rank, world, equal=False)
-                self.rows["train"] = shard(parts["train"], rank, world, equal=True)
+                dealt = self.deal_train_rows(parts["train"])
+                self.train_rows = shard(dealt, rank, world, equal=False)
+                self.rows["train"] = shard(dealt, rank, world, equal=True)
             self.rows["val"] = shard(parts["val"], rank, world, equal=True)
             if not self.test_path:  # test and predict need no equal shards: an exact partition
                 self.rows["test"] = shard(parts["test"], rank, world, equal=False)
@@ -209,7 +219,7 @@ class DataModule(pl.LightningDataModule):
         for store, splits in ((self.store, ("train", "val", "test")), (self.test_store, ("test",))):
             if store is None or store.placed:
                 continue
-            wanted = [self._train_all if s == "train" else self.rows[s] for s in splits
+            wanted = [self.train_rows if s == "train" else self.rows[s] for s in splits
                       if s in self.rows and (s != "test" or store is self.test_store)]
             if not wanted:
                 continue
@@ -248,7 +258,7 @@ class DataModule(pl.LightningDataModule):
         self._ensure_normalizer()
         if self.normalizer.fitted:
             return
-        rows = np.sort(self._train_all)
+        rows = np.sort(self.train_rows)
         block = max(1, int(64 * 2**20 // self.store.row_bytes()))
         blocks = (self.store.read(rows[i:i + block])["x"] for i in range(0, len(rows), block))
         self.normalizer.fit(blocks, self._reduce)
@@ -263,18 +273,27 @@ class DataModule(pl.LightningDataModule):
         tensor = torch.as_tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
         return trainer.strategy.reduce(tensor, reduce_op=op).cpu().numpy()
 
-    def class_frequencies(self) -> np.ndarray:
-        """Label counts per class over this rank's training rows (for class weights), read in blocks."""
-        rows = np.sort(self._train_all)
+    def class_frequencies(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Label counts per class over the training rows (for class weights), or over `rows` of them (e.g. the
+        labelled ones of a semi-supervised run): each rank counts those of its own share, read in blocks, and the
+        counts are summed over the ranks."""
+        rows = np.sort(self.train_rows if rows is None else np.intersect1d(self.train_rows, rows))
         counts = np.zeros(0)
         for i in range(0, len(rows), 256):
             y = np.asarray(self.store.read(rows[i:i + 256])["y"]).astype(np.int64).ravel()
             found = np.bincount(y)
             counts = np.pad(counts, (0, max(0, len(found) - len(counts))))
             counts[:len(found)] += found
-        return self._reduce(counts, "sum")
+        # ranks may have seen different highest classes (or no rows): agree on the length before summing
+        classes = int(self._reduce(np.array([len(counts)], dtype=np.float64), "max")[0])
+        return self._reduce(np.pad(counts, (0, classes - len(counts))), "sum")
 
     # -- loaders ----------------------------------------------------------------------------------------------
+    def deal_train_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The training rows (all ranks') in the order they are dealt to the ranks: every world-th row from the
+        rank's offset. Plugins may reorder them, e.g. labelled rows first so that each rank gets its share."""
+        return rows
+
     def train_dataset(self, rows: np.ndarray) -> Dataset:
         """The training rows as a dataset (plugins may add per-row keys, e.g. `labeled`)."""
         return Rows(self.store, rows)
@@ -331,7 +350,8 @@ class DataModule(pl.LightningDataModule):
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self):
-        state = {} if self.normalizer is None else {k: v.cpu() for k, v in self.normalizer.state_dict().items()}
+        state = (self._normalizer_state or {}) if self.normalizer is None else \
+            {k: v.cpu() for k, v in self.normalizer.state_dict().items()}
         return {"normalize": str(self.normalize), "normalizer": state}
 
     def load_state_dict(self, state_dict):
@@ -351,6 +371,9 @@ class DataModule(pl.LightningDataModule):
         self.reader.close()
 
 
-def _own_keys() -> list[str]:
-    return [k for k, p in inspect.signature(DataModule).parameters.items() if p.kind != p.VAR_KEYWORD]
+def _own_parameters(cls: type = DataModule) -> dict[str, inspect.Parameter]:
+    """The keys of `cls` and of every DataModule class it extends (a plugin's subclass passes the core's on)."""
+    return {k: p for c in reversed(cls.__mro__) if issubclass(c, DataModule)
+            for k, p in inspect.signature(c.__init__).parameters.items()
+            if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
