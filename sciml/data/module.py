@@ -73,7 +73,7 @@ class DataModule(pl.LightningDataModule):
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise SciMLError(f"data.{unknown[0]}: unknown key for {cls.__name__}; data keys are "
-                             f"{', '.join(sorted(accepted | set(_own_keys())))}")
+                             f"{', '.join(sorted(accepted | set(_own_keys(type(self)))))}")
         self.reader: Reader = cls(**options)
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise SciMLError(f"data.batch_size={batch_size}, data.eval_batch_size={eval_batch_size}: must be >= 1")
@@ -90,13 +90,14 @@ class DataModule(pl.LightningDataModule):
         self.store = None       # the rows of `path`
         self.test_store = None  # the rows tested and predicted (`test_path`, or `store`)
         self.rows: dict[str, np.ndarray] = {}  # this rank's rows of each split
+        self.train_rows = np.zeros(0, dtype=np.int64)  # this rank's every training row (see setup)
         self.normalizer: Normalizer | None = None
         self._normalizer_state: dict | None = None
 
     @classmethod
     def config_parameters(cls, node: Mapping) -> dict[str, inspect.Parameter]:
         """The keys `data:` accepts: the module's own and the reader's (for config checks before any data is read)."""
-        params = {k: p for k, p in inspect.signature(cls).parameters.items() if p.kind != p.VAR_KEYWORD}
+        params = _own_parameters(cls)
         reader = node.get("reader")
         if isinstance(reader, str):
             params |= dict(inspect.signature(get_class(reader)).parameters)
@@ -164,10 +165,14 @@ class DataModule(pl.LightningDataModule):
             if stage == "fit" and len(parts["train"]) < world:
                 raise SciMLError(f"data.path: {len(parts['train'])} training rows in {where}, fewer than the "
                                  f"{world} ranks")
-            if stage == "fit" and len(parts["val"]) == 0:
+            validates = self.trainer is None or self.trainer.limit_val_batches != 0
+            if stage == "fit" and len(parts["val"]) == 0 and validates:
                 raise SciMLError(f"data.val_size={self.val_size}: the validation split of {where} is empty; "
-                                 "training selects its best checkpoint on it")
-            self._train_all = shard(parts["train"], rank, world, equal=False)  # statistics see every training row
+                                 "training selects its best checkpoint on it (+trainer.limit_val_batches=0 "
+                                 "trains without validation)")
+            # this rank's share of every training row (unequal): statistics, and plugins whose epochs do not depend
+            # on the number of rows (drawn samples)
+            self.train_rows = shard(parts["train"], rank, world, equal=False)
             # Training and validation run through DDP's wrapped model, whose collectives need the same number of
             # batches on every rank: equal shards. Test and predict need not: an exact partition.
             self.rows["train"] = shard(parts["train"], rank, world, equal=True)
@@ -187,7 +192,7 @@ class DataModule(pl.LightningDataModule):
         for store, splits in ((self.store, ("train", "val", "test")), (self.test_store, ("test",))):
             if store is None or store.placed:
                 continue
-            wanted = [self._train_all if s == "train" else self.rows[s] for s in splits
+            wanted = [self.train_rows if s == "train" else self.rows[s] for s in splits
                       if s in self.rows and (s != "test" or store is self.test_store)]
             if not wanted:
                 continue
@@ -212,7 +217,7 @@ class DataModule(pl.LightningDataModule):
                 self.normalizer.load_state_dict(self._normalizer_state)
         if self.normalizer.fitted:
             return
-        rows = np.sort(self._train_all)
+        rows = np.sort(self.train_rows)
         block = max(1, int(64 * 2**20 // self.store.row_bytes()))
         blocks = (self.store.read(rows[i:i + block])["x"] for i in range(0, len(rows), block))
         self.normalizer.fit(blocks, self._reduce)
@@ -229,7 +234,7 @@ class DataModule(pl.LightningDataModule):
 
     def class_frequencies(self) -> np.ndarray:
         """Label counts per class over this rank's training rows (for class weights), read in blocks."""
-        rows = np.sort(self._train_all)
+        rows = np.sort(self.train_rows)
         counts = np.zeros(0)
         for i in range(0, len(rows), 256):
             y = np.asarray(self.store.read(rows[i:i + 256])["y"]).astype(np.int64).ravel()
@@ -306,6 +311,13 @@ class DataModule(pl.LightningDataModule):
         self.reader.close()
 
 
-def _own_keys() -> list[str]:
-    return [k for k, p in inspect.signature(DataModule).parameters.items() if p.kind != p.VAR_KEYWORD]
+def _own_parameters(cls: type = DataModule) -> dict[str, inspect.Parameter]:
+    """The keys of `cls` and of every DataModule class it extends (a plugin's subclass passes the core's on)."""
+    return {k: p for c in reversed(cls.__mro__) if issubclass(c, DataModule)
+            for k, p in inspect.signature(c.__init__).parameters.items()
+            if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _own_keys(cls: type = DataModule) -> list[str]:
+    return list(_own_parameters(cls))
 
