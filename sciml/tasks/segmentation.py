@@ -72,8 +72,9 @@ class RegionOverlap(Metric):
             self.hausdorff.append(torch.stack(per_case).to(self.device))
 
     def per_case(self) -> dict[str, torch.Tensor]:
-        out = {f"dice_{n}": dim_zero_cat(self.dice)[:, i] for i, n in enumerate(self.names)} if self.dice else {}
-        if self.hd95 and self.hausdorff:
+        # len(): after a DDP sync the states are one gathered tensor, no longer lists
+        out = {f"dice_{n}": dim_zero_cat(self.dice)[:, i] for i, n in enumerate(self.names)} if len(self.dice) else {}
+        if self.hd95 and len(self.hausdorff):
             out |= {f"hd95_{n}": dim_zero_cat(self.hausdorff)[:, i] for i, n in enumerate(self.names)}
         return out
 
@@ -240,7 +241,8 @@ class SegmentationTask(SciMLTask):
     def on_test_epoch_end(self):
         self._log_epoch("test")
         if self.regions is not None:
-            per_case = self.regions["test"].per_case()  # a collective under DDP: every rank calls it
+            with self.regions["test"].sync_context():  # every rank's cases: a collective, every rank calls it
+                per_case = self.regions["test"].per_case()
             if self.trainer.is_global_zero and per_case:
                 self._write_per_case(per_case)
             self.regions["test"].reset()
