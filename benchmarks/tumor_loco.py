@@ -24,8 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sciml_plugins.tumor.data import DEFAULT_PATH
-from sciml_plugins.tumor.reader import find_cases
+from sciml_plugins.tumor.reader import DEFAULT_PATH, find_cases
 
 REGIONS = ("wt", "tc", "et")
 
@@ -51,8 +50,9 @@ def fold(case: str, run_dir: Path, data: str | None, overrides: list[str], reuse
         return {"case": case, "seconds": math.nan, "command": "(reused)",
                 **{k: float(v) for k, v in next(csv.DictReader(open(run_dir / "test_per_case.csv"))).items()
                    if k != "case"}}
-    command = [sys.executable, "-m", "sciml", "+plugin=tumor", "data.train_cases=rest", f"data.test_cases=[{case}]",
-               "data.val_cases=0", "monitor=train/seg_loss", "monitor_mode=min", f"hydra.run.dir={run_dir}",
+    command = [sys.executable, "-m", "sciml", "+plugin=tumor", "data.train_split=rest", "data.group_by=case",
+               f"data.test_groups=[{case}]", "data.val_size=0", "+trainer.limit_val_batches=0",
+               "monitor=train/seg_loss", "monitor_mode=min", f"hydra.run.dir={run_dir}",
                # without validation, Lightning saves checkpoints at the end of training epochs only if validation
                # would run every epoch
                "trainer.check_val_every_n_epoch=1",

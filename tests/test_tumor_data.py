@@ -1,18 +1,26 @@
-"""The tumor data module: splits, tumour-weighted slice sampling, batched augmentation that keeps image and
-labels aligned, whole-volume batches, and the prediction writer (NIfTI in the input's grid, PNG overlays)."""
+"""The tumor data module on the core's DataModule: splits of cases, test_path, tumour-weighted slice sampling in an
+order set by (seed, epoch), batched augmentation that keeps image and labels aligned, whole-volume batches, class
+frequencies inside the brains, the network's input shape, and the island-removing inferer."""
 from __future__ import annotations
 
-import nibabel as nib
+import functools
+
 import numpy as np
 import pytest
 import torch
 from monai.inferers import SliceInferer
-from test_tumor_reader import AFFINE, write_case, write_cases
+from test_tumor_reader import write_case, write_cases
 
 from sciml.errors import SciMLError
-from sciml_plugins.tumor.data import BraTSDataModule
+from sciml_plugins.tumor.data import BraTSDataModule, TumourSampler
 from sciml_plugins.tumor.inference import IslandRemovingInferer, small_islands
 from sciml_plugins.tumor.model import SliceUNet
+from sciml_plugins.tumor.reader import read_case
+
+
+READER = "sciml_plugins.tumor.reader.BraTSReader"
+# the plugin's split keys (conf/plugin/tumor.yaml)
+SPLIT = dict(val_size=1, test_size=1, split_order="last", train_split="all")
 
 
 @pytest.fixture(scope="module")
@@ -21,57 +29,71 @@ def cases(tmp_path_factory):
 
 
 def module(path, stage="fit", **kwargs):
-    dm = BraTSDataModule(path=str(path), **{"patch_size": 32, "batch_size": 8, **kwargs})
+    dm = BraTSDataModule(reader=READER, path=str(path), **{"patch_size": 32, "batch_size": 8, **SPLIT, **kwargs})
     dm.setup(stage)
     return dm
 
 
-def names(cases_):
-    return [c.name for c in cases_]
+def names(dm, split, store=None):
+    store = store or dm.store
+    return [store.infos[i].meta["files"].name for i in dm.rows[split]]
 
 
-def test_splits(cases):
-    dm = module(cases)  # the defaults: train on all, validate on the last, test on all
-    assert names(dm.splits["train"]) == ["case00", "case01", "case02", "case03"]
-    assert names(dm.splits["val"]) == ["case03"]
-    dm = module(cases, train_cases="rest", val_cases=1, test_cases=1)
-    assert names(dm.splits["train"]) == ["case00", "case01"] and names(dm.splits["val"]) == ["case02"]
-    dm.setup("test")
-    assert names(dm.splits["test"]) == ["case03"]
-    dm = module(cases, train_cases=["case01"], val_cases=["case00"], test_cases=["case02", "case03"])
-    assert names(dm.splits["train"]) == ["case01"]
-    with pytest.raises(SciMLError, match="data.val_cases: no case named case09; cases are case00, case01"):
-        module(cases, val_cases=["case09"])
-    with pytest.raises(SciMLError, match="data.test_cases=7: expected between 0 and 4"):
-        module(cases, test_cases=7)
-    with pytest.raises(SciMLError, match="data.train_cases: no training cases left"):
-        module(cases, train_cases="rest", val_cases=2, test_cases=2)
-    with pytest.raises(SciMLError, match="data.label_convention"):
-        BraTSDataModule(label_convention="brats2000")
+def test_splits_are_the_cores_on_cases(cases):
+    module = functools.partial(globals()["module"], max_memory_gb=0)  # splits only: no case is read
+    dm = module(cases)  # the plugin's defaults: train on all, validate on the one before the last, test the last
+    assert names(dm, "train") == ["case00", "case01", "case02", "case03"]
+    assert (names(dm, "val"), names(dm, "test")) == (["case02"], ["case03"])
+    dm = module(cases, train_split="rest", test_size=2)
+    assert (names(dm, "train"), names(dm, "val"), names(dm, "test")) == (["case00"], ["case01"], ["case02", "case03"])
+    dm = module(cases, train_split="rest", group_by="case", test_groups=["case00", "case02"])
+    assert (names(dm, "train"), names(dm, "val"), names(dm, "test")) == (["case01"], ["case03"], ["case00", "case02"])
+    with pytest.raises(SciMLError, match="data.test_groups: case09 not in"):
+        module(cases, group_by="case", test_groups=["case09"])
+    with pytest.raises(SciMLError, match="data.test_size=7: a count between 0 and 4"):
+        module(cases, test_size=7)
+    with pytest.raises(SciMLError, match="no rows left for training"):
+        module(cases, train_split="rest", val_size=2, test_size=2)
+    with pytest.raises(SciMLError, match="data.patch_siz: unknown key for BraTSReader; data keys are .*patch_size"):
+        BraTSDataModule(reader=READER, patch_siz=3)
+
+
+def test_an_unlabelled_case_cannot_train(tmp_path):
+    write_case(tmp_path / "cases" / "c0", skip=("label",))
+    with pytest.raises(SciMLError, match="data.path: .*c0 has no labels; training needs them"):
+        module(tmp_path / "cases")
 
 
 def test_test_path_replaces_the_test_split_and_is_read_alone(cases, tmp_path):
     write_case(tmp_path / "unseen" / "new", seed=9)
-    dm = BraTSDataModule(path=str(tmp_path / "nowhere"), test_path=str(tmp_path / "unseen"))
+    dm = BraTSDataModule(reader=READER, path=str(tmp_path / "nowhere"), test_path=str(tmp_path / "unseen"))
     dm.setup("test")  # test only: data.path is not even looked at
-    assert names(dm.splits["test"]) == ["new"] and "train" not in dm.splits
+    assert names(dm, "test", dm.test_store) == ["new"] and dm.store is None
     batch = next(iter(dm.test_dataloader()))
-    case = dm.splits["test"][0]
+    case = read_case(dm.test_store.infos[0].meta["files"])
     assert batch["x"].shape == (1, 2, *case.y.shape) and batch["y"].shape == (1, *case.y.shape)
     np.testing.assert_allclose(batch["spacing"].numpy(), [[1.2, 1.1, 2.0]])
     assert batch["index"].tolist() == [0]
 
 
-def test_slices_are_sampled_toward_tumour(cases):
+def test_slices_are_sampled_toward_tumour_in_an_order_set_by_seed_and_epoch(cases):
     dm = module(cases, samples_per_epoch=4000, tumour_fraction=0.8, batch_size=500)
-    slices = dm._training_slices()
-    assert slices.tensors["x"].shape[1:2] == (2,) and len(slices) == sum(c.x.shape[3] for c in dm.splits["train"])
-    has_tumour = []
-    for batch in dm.train_dataloader():
-        has_tumour.append((batch["y"] > 0).flatten(1).any(1))
+    slices = dm.training_slices()
+    depths = [read_case(dm.store.infos[i].meta["files"]).x.shape[3] for i in dm.train_rows]
+    assert slices.tensors["x"].shape[1:2] == (2,) and len(slices) == sum(depths)
+    loader = dm.train_dataloader()
+    has_tumour = [(batch["y"] > 0).flatten(1).any(1) for batch in loader]
     share = torch.cat(has_tumour).float().mean().item()
     natural = (slices.tensors["y"] > 0).flatten(1).any(1).float().mean().item()
     assert abs(share - 0.8) < 0.03 and abs(natural - 0.8) > 0.1
+    # a resumed run replays the order: the draw depends on (seed, rank, epoch) only
+    sampler = loader.sampler
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    again = TumourSampler(sampler.p, sampler.n, seed=dm.seed)
+    again.set_epoch(0)
+    assert list(again) == first
 
 
 def test_augmentation_keeps_images_and_labels_aligned(cases):
@@ -87,57 +109,38 @@ def test_augmentation_keeps_images_and_labels_aligned(cases):
     x[:, 0] = (y > 0).float()
     x[:, 1] = 1.0
     torch.manual_seed(0)
-    out = dm._augment({"x": x, "y": y})
+    out = dm.augment_batch({"x": x, "y": y})
     assert out["x"].shape == (64, 2, 32, 32) and out["y"].shape == (64, 32, 32) and out["y"].dtype == torch.long
     image_says, labels_say = out["x"][:, 0] > 0.5, out["y"] > 0
     agreement = (image_says == labels_say).float().mean().item()
     assert agreement > 0.98, agreement
     assert labels_say.any() and not torch.equal(out["x"][:, 0], x[:, 0, :32, :32])  # it did transform
-    jittered = dm._transform({"x": x, "y": y}, 0.0, 0.0, False, 0.2)["x"][:, 1]
+    jittered = dm.transform({"x": x, "y": y}, 0.0, 0.0, False, 0.2)["x"][:, 1]
     inside = jittered[jittered != 0]
     assert 0.6 < inside.min() < inside.max() < 1.4 and inside.std() > 0.01
 
 
-def test_class_frequencies_count_training_voxels(cases):
+def test_class_frequencies_count_training_voxels_inside_the_brains(cases):
     dm = module(cases)
     counts = dm.class_frequencies()
-    expected = sum(np.bincount(c.y[c.brain], minlength=5) for c in dm.splits["train"])
+    expected = 0
+    for i in dm.train_rows:
+        case = read_case(dm.store.infos[i].meta["files"])
+        expected = expected + np.bincount(case.y[case.brain], minlength=5)
     np.testing.assert_array_equal(counts, expected)
     assert counts[1:].sum() > 0
-
-
-@pytest.mark.parametrize("convention", ["brats2015", "brats2023"])
-def test_predictions_are_nifti_in_the_input_grid_with_overlays(tmp_path, convention):
-    truth = {}
-    for i in range(2):
-        truth[f"c{i}"] = write_case(tmp_path / "in" / f"c{i}", shape=(40 + 4 * i, 44, 16), seed=i,
-                                    convention=convention)
-    dm = BraTSDataModule(path=str(tmp_path / "in"), label_convention=convention)
-    dm.setup("test")
-    # the truth as prediction, in test order, as per-case arrays of different shapes (as sciml.run hands them)
-    labels = [c.y for c in dm.splits["test"]]
-    out = tmp_path / "run" / "predictions"
-    out.mkdir(parents=True)
-    dm.save_predictions({"label": labels[::-1], "index": np.array([1, 0])}, out)
-    for name, t in truth.items():
-        image = nib.load(out / f"{name}_seg.nii.gz")
-        original = nib.load(tmp_path / "in" / name / "OTMultiClass.nii.gz")
-        assert image.shape == original.shape
-        np.testing.assert_allclose(image.affine, AFFINE)
-        np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(original.dataobj))
-        png = tmp_path / "run" / "plots" / f"overlay_{name}.png"
-        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
 
 
 def test_network_fits_the_data_and_any_slice_size(cases):
     dm = module(cases, patch_size=32)
     for downsample in (1, 2):
-        net = SliceUNet(in_channels=2, num_classes=5, channels=(4, 8, 16), strides=(2, 2), downsample=downsample)
+        net = SliceUNet(input_shape=dm.input_shape, num_classes=5, channels=(4, 8, 16), strides=(2, 2),
+                        downsample=downsample)
         for shape in ((3, 2, 32, 32), (2, 2, 37, 45)):
             assert net(torch.zeros(shape)).shape == (shape[0], 5, *shape[2:])
-    assert dm.input_shape == (2, 32, 32)
+    assert dm.input_shape == (2, 32, 32) and module(cases, patch_size=0).input_shape == (2, -1, -1)
     with pytest.raises(ValueError, match="model.strides"):
-        SliceUNet(channels=(4, 8, 16), strides=(2,))
+        SliceUNet((2, 32, 32), channels=(4, 8, 16), strides=(2,))
 
 
 def test_islands_below_a_fraction_of_the_largest_tumour_component_are_removed():

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from sciml.errors import SciMLError
-from sciml_plugins.tumor.data import DEFAULT_PATH
-from sciml_plugins.tumor.reader import LABEL_CONVENTIONS, find_cases, read_case, read_cases, write_labels
+from sciml_plugins.tumor.reader import DEFAULT_PATH, LABEL_CONVENTIONS, BraTSReader, find_cases, read_case, write_labels
 
 PATTERNS = dict(modalities=["Flair*", "T1c*"], label="OTMultiClass*", mask="brainmask*")
 AFFINE = np.array([[-1.2, 0, 0, 30.0], [0, -1.1, 0, 60.0], [0, 0, 2.0, -10.0], [0, 0, 0, 1]])
@@ -131,13 +130,16 @@ def test_cases_are_found_at_any_depth_with_unique_names(tmp_path):
     assert names == ["b", "test_a", "train_a"]
     # a case folder given directly is one case
     assert [c.name for c in find_cases(tmp_path / "validation" / "b", **PATTERNS)] == ["b"]
-    cases = read_cases(find_cases(tmp_path, **PATTERNS), "brats2015", margin=4, threads=2)
+    cases = [read_case(c) for c in find_cases(tmp_path, **PATTERNS)]
     assert len(cases) == 3 and all(c.x.dtype == np.float32 for c in cases)
+    # a glob, and a list of a case folder and a folder of case folders
+    assert [c.name for c in find_cases(str(tmp_path / "t*"), **PATTERNS)] == ["test_a", "train_a"]
+    listed = find_cases([tmp_path / "validation" / "b", tmp_path / "test"], **PATTERNS)
+    assert [c.name for c in listed] == ["b", "a"]
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(skip=("t1c",)), "case c0: no NIfTI file matching 'T1c\\*' in .*c0 \\(data.modalities\\)"),
-    (dict(skip=("label",)), "case c0: no NIfTI file matching 'OTMultiClass\\*'.*\\(data.label\\)"),
     (dict(t1c=np.zeros((40, 44, 15), np.float32)), "case c0: T1c_subtrMeanDivStd.nii.gz has shape \\(40, 44, 15\\), "
                                                     "but Flair_subtrMeanDivStd.nii.gz has \\(40, 44, 16\\)"),
     (dict(label=np.full((40, 44, 16), 7, np.float32)), "case c0: .*OTMultiClass.nii.gz has label values \\[7.0\\] "
@@ -147,7 +149,42 @@ def test_cases_are_found_at_any_depth_with_unique_names(tmp_path):
 def test_bad_cases_are_named(tmp_path, change, message):
     write_case(tmp_path / "c0", **change)
     with pytest.raises(SciMLError, match=message):
-        read_cases(find_cases(tmp_path, **PATTERNS), "brats2015", margin=4)
+        [read_case(c) for c in find_cases(tmp_path, **PATTERNS)]
+
+
+def test_the_reader_opens_from_headers_reads_and_writes_in_the_input_grid(tmp_path):
+    """open: one row, no fixed shape, labels when a label volume is there; read: the cropped, z-scored case;
+    write: the labels back in the input's grid, affine and convention, and an overlay."""
+    truth = write_case(tmp_path / "cases" / "c0", convention="brats2023")
+    write_case(tmp_path / "cases" / "c1", skip=("label",), seed=1)
+    reader = BraTSReader(label_convention="brats2023")
+    folders = reader.find(tmp_path / "cases", "data.path")
+    labelled, unlabelled = (reader.open(f) for f in folders)
+    assert (labelled.rows, labelled.shape, labelled.labels, unlabelled.labels) == (1, None, True, False)
+    assert list(labelled.groups["case"]) == ["c0"] and labelled.meta["row_bytes"] == 40 * 44 * 16 * 9
+    rows = reader.read(labelled, np.array([0]))
+    case = read_case(labelled.meta["files"], "brats2023")
+    np.testing.assert_array_equal(rows["x"][0], case.x)
+    np.testing.assert_array_equal(rows["y"][0], case.y)
+    np.testing.assert_allclose(rows["spacing"], [[1.2, 1.1, 2.0]])
+    assert "y" not in reader.read(unlabelled, np.array([0]))
+    out = tmp_path / "run" / "predictions"
+    out.mkdir(parents=True)
+    [written] = reader.write(labelled, np.array([0]), {"label": case.y[None]}, out)
+    assert written == out / "c0_seg.nii.gz"
+    image, original = nib.load(written), nib.load(tmp_path / "cases" / "c0" / "OTMultiClass.nii.gz")
+    np.testing.assert_allclose(image.affine, AFFINE)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(original.dataobj))
+    assert set(np.unique(np.asarray(image.dataobj)).tolist()) <= {0, 1, 2, 3} and (truth["labels"] == 4).any()
+    assert (tmp_path / "run" / "plots" / "overlay_c0.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SciMLError, match="data.label_convention: unknown 'brats2000'"):
+        BraTSReader(label_convention="brats2000")
+
+
+def test_open_checks_the_grid_from_the_headers(tmp_path):
+    write_case(tmp_path / "c0", t1c=np.zeros((40, 44, 15), np.float32))
+    with pytest.raises(SciMLError, match="case c0: T1c_subtrMeanDivStd.nii.gz has shape \\(40, 44, 15\\)"):
+        BraTSReader().open(tmp_path / "c0")
 
 
 def test_nan_affine_and_unreadable_files_are_named(tmp_path):

@@ -18,23 +18,27 @@ from torch import nn
 class SliceUNet(nn.Module):
     """
     Args:
-        in_channels: MR modalities. num_classes: output logits (5: BRATS 2015 classes).
+        input_shape: (C, H, W) of the training slices, handed over from the data (C: the MR modalities; H and W,
+            the training patch, are not needed: slices of any size work). num_classes: output logits (5: BRATS 2015
+            classes).
         channels, strides: MONAI UNet widths per level and the down-sampling between levels.
         num_res_units: residual units per level (0: plain conv blocks). norm: batch, instance, ...
         dropout: inside the conv blocks. downsample: integer in-plane pooling before the network.
     """
 
-    def __init__(self, in_channels: int = 2, num_classes: int = 5, channels: tuple[int, ...] = (16, 32, 64, 128),
-                 strides: tuple[int, ...] = (2, 2, 2), num_res_units: int = 1, norm: str = "batch",
-                 dropout: float = 0.0, downsample: int = 1):
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int = 5,
+                 channels: tuple[int, ...] = (16, 32, 64, 128), strides: tuple[int, ...] = (2, 2, 2),
+                 num_res_units: int = 1, norm: str = "batch", dropout: float = 0.0, downsample: int = 1):
         super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"model.input_shape: expected (channels, height, width), got {list(input_shape)}")
         if len(strides) != len(channels) - 1:
             raise ValueError(f"model.strides needs {len(channels) - 1} entries for {len(channels)} channels, "
                              f"got {len(strides)}")
         if downsample < 1:
             raise ValueError(f"model.downsample must be >= 1, got {downsample}")
-        self.unet = UNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, channels=channels,
-                         strides=strides, num_res_units=num_res_units, norm=norm, dropout=dropout)
+        self.unet = UNet(spatial_dims=2, in_channels=int(input_shape[0]), out_channels=num_classes,
+                         channels=channels, strides=strides, num_res_units=num_res_units, norm=norm, dropout=dropout)
         self.downsample = int(downsample)
         self.multiple = math.prod(strides) * self.downsample
 

@@ -1,10 +1,11 @@
-"""BraTS-style case folders: one folder per case with one NIfTI volume per MR modality, a label volume and,
-optionally, a brain mask, found by file-name patterns (`Flair*`, `T1c*`, `OTMultiClass*`, `brainmask*`).
+"""BraTS-style case folders: one folder per case with one NIfTI volume per MR modality, optionally a label volume
+and a brain mask, found by file-name patterns (`Flair*`, `T1c*`, `OTMultiClass*`, `brainmask*`).
 
-A case is read once, checked (missing or ambiguous files, unreadable files, shapes and affines that disagree,
-NaNs, unknown label values: each reported with the case and the file), cropped to the brain's bounding box plus a
-margin, and z-scored per modality inside the brain. What is needed to write a prediction back in the file's own
-grid (the crop offset, the full shape, the affine) travels with it.
+A row of the data contract is one case. `open` finds a case's files and checks their headers (missing or ambiguous
+files, unreadable files, shapes and affines that disagree); `read` loads the case, checks the values (NaN, unknown
+label values), crops it to the brain's bounding box plus a margin and z-scores each modality inside the brain;
+`write` puts a predicted label map back in the case's own grid, affine and label convention. A case without a label
+volume is predicted, not scored.
 
 Labels are held in the BRATS 2015 classes: 0 background, 1 necrosis, 2 oedema, 3 non-enhancing tumour,
 4 enhancing tumour. Files in the later BraTS conventions are mapped to them on reading and back on writing.
@@ -12,16 +13,19 @@ Labels are held in the BRATS 2015 classes: 0 background, 1 necrosis, 2 oedema, 3
 from __future__ import annotations
 
 import fnmatch
-from concurrent.futures import ThreadPoolExecutor
+import glob
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from sciml.data import FileInfo, Reader
 from sciml.errors import SciMLError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DEFAULT_PATH = Path(__file__).parent / "data" / "brats2015"
 
 # file value -> BRATS 2015 class, per convention; and the value each class is written back as.
 LABEL_CONVENTIONS = {
@@ -40,7 +44,7 @@ class CaseFiles:
     name: str
     folder: Path
     modalities: list[Path]
-    label: Path | None
+    label: Path | None  # None: no label volume (predicted, not scored)
     mask: Path | None
 
 
@@ -64,8 +68,8 @@ class Case:
     header: nib.Nifti1Header = field(repr=False)
 
     def uncrop(self, labels: np.ndarray) -> np.ndarray:
-        """A cropped (X, Y, Z) array placed back in the file's full grid, zeros around it."""
-        full = np.zeros(self.shape, dtype=labels.dtype)
+        """A cropped (X, Y, Z[, K]) array placed back in the file's full grid, zeros around it."""
+        full = np.zeros(self.shape + labels.shape[3:], dtype=labels.dtype)
         full[tuple(slice(o, o + n) for o, n in zip(self.offset, labels.shape))] = labels
         return full
 
@@ -76,46 +80,62 @@ def _matches(folder: Path, pattern: str) -> list[Path]:
                   and fnmatch.fnmatch(p.name.lower(), pattern.lower()))
 
 
-def find_cases(root: str | Path, modalities: list[str], label: str | None, mask: str | None,
-               key: str = "data.path") -> list[CaseFiles]:
-    """The case folders under `root` (a folder of case folders at any depth, or one case folder).
+def case_files(folder: Path, name: str, modalities: list[str], label: str | None, mask: str | None) -> CaseFiles:
+    """A case folder's files: each modality (and the mask, when `mask` is set) must match exactly one file; the
+    label volume (when `label` is set) at most one."""
 
-    A folder is a case when it holds a file matching the first modality pattern; each of its modalities, its label
-    (when `label` is set) and its mask (when `mask` is set) must then match exactly one file.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise SciMLError(f"{key}: no such folder '{root}' (expected a folder of BraTS case folders)")
+    def one(pattern: str, what: str, required: bool = True) -> Path | None:
+        found = _matches(folder, pattern)
+        if len(found) > 1:
+            raise SciMLError(f"case {name}: {len(found)} files match '{pattern}' in {folder} "
+                             f"({', '.join(p.name for p in found)}); make {what} more specific")
+        if not found and required:
+            raise SciMLError(f"case {name}: no NIfTI file matching '{pattern}' in {folder} ({what})")
+        return found[0] if found else None
+
+    return CaseFiles(name=name, folder=folder, modalities=[one(p, "data.modalities") for p in modalities],
+                     label=one(label, "data.label", required=False) if label else None,
+                     mask=one(mask, "data.mask") if mask else None)
+
+
+def find_cases(root, modalities: list[str], label: str | None, mask: str | None,
+               key: str = "data.path") -> list[CaseFiles]:
+    """The case folders named by `root`: a folder of case folders (at any depth), one case folder, a glob of
+    either, or a list of these. A folder is a case when it holds a file matching the first modality pattern.
+    Cases are named by their folder; folders of the same name are named by their paths below a common parent."""
     if not modalities:
         raise SciMLError("data.modalities: give at least one file pattern, e.g. [Flair*, T1c*]")
-    folders = [root, *sorted(p for p in root.rglob("*") if p.is_dir())]
-    cases = []
-    for folder in folders:
-        if not _matches(folder, modalities[0]):
-            continue
-        name = folder.name if folder != root else root.name
+    folders = list(dict.fromkeys(_case_folders(root, modalities[0], key)))
+    names = [f.name for f in folders]
+    for i, folder in enumerate(folders):
+        same = [f for f in folders if f.name == folder.name]
+        if len(same) > 1:
+            below = folder.relative_to(os.path.commonpath(same))
+            names[i] = str(below).replace(os.sep, "_") if below.parts else folder.name
+    return [case_files(f, n, modalities, label, mask) for f, n in zip(folders, names)]
 
-        def one(pattern: str, what: str) -> Path:
-            found = _matches(folder, pattern)
-            if not found:
-                raise SciMLError(f"case {name}: no NIfTI file matching '{pattern}' in {folder} ({what})")
-            if len(found) > 1:
-                raise SciMLError(f"case {name}: {len(found)} files match '{pattern}' in {folder} "
-                                 f"({', '.join(p.name for p in found)}); make {what} more specific")
-            return found[0]
 
-        cases.append(CaseFiles(name=name, folder=folder,
-                               modalities=[one(p, "data.modalities") for p in modalities],
-                               label=one(label, "data.label") if label else None,
-                               mask=one(mask, "data.mask") if mask else None))
-    if not cases:
-        raise SciMLError(f"{key}: no case folders in '{root}' (no file matching '{modalities[0]}', "
-                         "the first of data.modalities)")
-    names = [c.name for c in cases]
-    for c in cases:  # the same folder name at two places: name cases by their path under root
-        if names.count(c.name) > 1:
-            c.name = str(c.folder.relative_to(root)).replace("/", "_")
-    return cases
+def _case_folders(root, first: str, key: str) -> list[Path]:
+    if not isinstance(root, (str, Path)):  # a list (also Hydra's ListConfig)
+        found = [f for r in root for f in _case_folders(r, first, key)]
+        if not found:
+            raise SciMLError(f"{key}: empty list of case folders")
+        return found
+    text = str(root)
+    if any(c in text for c in "*?["):
+        roots = sorted(Path(p) for p in glob.glob(text) if Path(p).is_dir())
+        if not roots:
+            raise SciMLError(f"{key}: no folders match '{text}'")
+    elif Path(text).is_dir():
+        roots = [Path(text)]
+    else:
+        raise SciMLError(f"{key}: no such folder '{text}' (expected a folder of BraTS case folders)")
+    found = [folder.resolve() for r in roots for folder in [r, *sorted(p for p in r.rglob("*") if p.is_dir())]
+             if _matches(folder, first)]
+    if not found:
+        raise SciMLError(f"{key}: no case folders in '{text}' (no file matching '{first}', the first of "
+                         "data.modalities)")
+    return found
 
 
 def _load(path: Path, case: str) -> nib.Nifti1Image:
@@ -127,15 +147,41 @@ def _load(path: Path, case: str) -> nib.Nifti1Image:
         raise SciMLError(f"case {case}: {path} is not a readable NIfTI file ({exc})") from None
 
 
-def _array(image: nib.Nifti1Image, path: Path, case: str) -> np.ndarray:
+def _shape(image: nib.Nifti1Image, path: Path, case: str) -> tuple[int, int, int]:
+    shape = tuple(image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise SciMLError(f"case {case}: {path} has shape {shape}, expected a 3-D volume")
+    return shape
+
+
+def check_grid(files: CaseFiles) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
+    """Every volume of a case on the first modality's grid (same shape and affine), from the headers alone.
+    Returns the first modality's image (not yet read) and its shape."""
+    reference = _load(files.modalities[0], files.name)
+    shape = _shape(reference, files.modalities[0], files.name)
+    for path in [*files.modalities[1:], *(p for p in (files.label, files.mask) if p is not None)]:
+        image = _load(path, files.name)
+        if _shape(image, path, files.name) != shape:
+            raise SciMLError(f"case {files.name}: {path.name} has shape {_shape(image, path, files.name)}, but "
+                             f"{files.modalities[0].name} has {shape}")
+        if not np.allclose(image.affine, reference.affine, atol=1e-3):
+            raise SciMLError(f"case {files.name}: {path.name} has another affine than {files.modalities[0].name} "
+                             "(the volumes are not on the same grid; resample them first)")
+    return reference, shape
+
+
+def _array(path: Path, case: str, shape: tuple[int, ...]) -> np.ndarray:
     try:
-        values = np.asarray(image.dataobj, dtype=np.float32)
+        values = np.asarray(_load(path, case).dataobj, dtype=np.float32).reshape(shape)
+    except SciMLError:
+        raise
     except Exception as exc:  # truncated or corrupt gzip streams fail here, not on nib.load
         raise SciMLError(f"case {case}: {path} is not a readable NIfTI file ({exc})") from None
-    while values.ndim > 3 and values.shape[-1] == 1:
-        values = values[..., 0]
-    if values.ndim != 3:
-        raise SciMLError(f"case {case}: {path} has shape {values.shape}, expected a 3-D volume")
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    if bad:
+        raise SciMLError(f"case {case}: {path} has {bad} NaN or infinite values")
     return values
 
 
@@ -145,36 +191,19 @@ def read_case(files: CaseFiles, convention: str = "brats2015", margin: int = 4) 
         raise SciMLError(f"data.label_convention: unknown '{convention}'; expected one of "
                          f"{', '.join(LABEL_CONVENTIONS)}")
     name = files.name
-    reference = _load(files.modalities[0], name)
-    shape, affine = reference.shape[:3], reference.affine
-
-    def checked(path: Path) -> np.ndarray:
-        image = reference if path == files.modalities[0] else _load(path, name)
-        values = _array(image, path, name)
-        if values.shape != shape:
-            raise SciMLError(f"case {name}: {path.name} has shape {values.shape}, but "
-                             f"{files.modalities[0].name} has {shape}")
-        if not np.allclose(image.affine, affine, atol=1e-3):
-            raise SciMLError(f"case {name}: {path.name} has another affine than {files.modalities[0].name} "
-                             "(the volumes are not on the same grid; resample them first)")
-        bad = int(np.count_nonzero(~np.isfinite(values)))
-        if bad:
-            raise SciMLError(f"case {name}: {path} has {bad} NaN or infinite values")
-        return values
-
-    x = np.stack([checked(p) for p in files.modalities])
+    reference, shape = check_grid(files)
+    x = np.stack([_array(p, name, shape) for p in files.modalities])
     if files.mask is not None:
-        brain = checked(files.mask) > 0.5
+        brain = _array(files.mask, name, shape) > 0.5
     else:  # the background is constant (0 in raw scans, a negative constant after z-scoring): take its complement
         brain = (x != x[:, :1, :1, :1]).any(0)
     if not brain.any():
         raise SciMLError(f"case {name}: the brain mask is empty" + (f" ({files.mask})" if files.mask else ""))
     y = None
     if files.label is not None:
-        raw = checked(files.label)
+        raw = _array(files.label, name, shape)
         mapping = LABEL_CONVENTIONS[convention]["read"]
-        values = np.unique(raw)
-        unknown = [v for v in values.tolist() if v not in mapping]
+        unknown = [v for v in np.unique(raw).tolist() if v not in mapping]
         if unknown:
             raise SciMLError(f"case {name}: {files.label} has label values {unknown[:6]} outside the "
                              f"{convention} convention {sorted(mapping)} (data.label_convention)")
@@ -194,28 +223,101 @@ def read_case(files: CaseFiles, convention: str = "brats2015", margin: int = 4) 
         raise SciMLError(f"case {name}: {', '.join(flat)} is constant inside the brain")
     x = np.where(brain, (x - mean[:, None, None, None]) / std[:, None, None, None], 0).astype(np.float32)
     return Case(name=name, files=files, x=x, y=None if y is None else y[box], brain=brain,
-                offset=tuple(int(v) for v in low), shape=tuple(int(v) for v in shape), affine=affine,
+                offset=tuple(int(v) for v in low), shape=tuple(int(v) for v in shape), affine=reference.affine,
                 spacing=tuple(float(v) for v in reference.header.get_zooms()[:3]), header=reference.header)
 
 
-def read_cases(files: list[CaseFiles], convention: str, margin: int, threads: int = 4) -> list[Case]:
-    """Cases read in parallel threads (gzip and nibabel release the GIL for most of the work)."""
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
-        return list(pool.map(lambda f: read_case(f, convention, margin), files))
-
-
-def write_labels(case: Case, labels: np.ndarray, path: Path, convention: str = "brats2015") -> None:
-    """A cropped (X, Y, Z) map of BRATS 2015 classes as a NIfTI label volume in `convention`, in the case's full
-    grid with its affine. Written to a temporary file first: a reader never sees half a volume."""
-    mapping = LABEL_CONVENTIONS[convention]["write"]
-    lookup = np.zeros(5, dtype=np.uint8)
-    lookup[list(mapping)] = list(mapping.values())
-    full = case.uncrop(lookup[labels.astype(np.int64)])
-    image = nib.Nifti1Image(full, case.affine)
+def _save(image: nib.Nifti1Image, case: Case, path: Path) -> Path:
+    """Saved with the case's qform/sform codes and units, through a temporary file: readers never see half a
+    volume."""
     image.set_qform(case.affine, code=int(case.header["qform_code"]) or 1)
     image.set_sform(case.affine, code=int(case.header["sform_code"]) or 1)
     image.header.set_xyzt_units(*case.header.get_xyzt_units())
-    image.set_data_dtype(np.uint8)
     tmp = path.with_name(f".{path.name.removesuffix('.nii.gz')}.tmp.nii.gz")
     nib.save(image, tmp)
-    tmp.replace(path)
+    return tmp.replace(path)
+
+
+def write_labels(case: Case, labels: np.ndarray, path: Path, convention: str = "brats2015") -> Path:
+    """A cropped (X, Y, Z) map of BRATS 2015 classes as a uint8 NIfTI label volume in `convention`, in the case's
+    full grid with its affine."""
+    mapping = LABEL_CONVENTIONS[convention]["write"]
+    lookup = np.zeros(5, dtype=np.uint8)
+    lookup[list(mapping)] = list(mapping.values())
+    image = nib.Nifti1Image(case.uncrop(lookup[labels.astype(np.int64)]), case.affine)
+    image.set_data_dtype(np.uint8)
+    return _save(image, case, path)
+
+
+@dataclass
+class BraTSReader(Reader):
+    """BraTS case folders (`data.` keys).
+
+    modalities: file-name patterns of the input channels, in channel order (the first is shown in overlays).
+    label: pattern of the label volume (a case without one is predicted, not scored); mask: of the brain mask
+        (null: the voxels that differ from the constant background).
+    label_convention: brats2015 (1 necrosis, 2 oedema, 3 non-enhancing, 4 enhancing), brats2017 (1, 2, 4) or
+        brats2023 (1, 2, 3 = enhancing). Files are read and predictions written in this convention.
+    margin: voxels kept around the brain when cropping.
+    """
+
+    modalities: list[str] = field(default_factory=lambda: ["Flair*", "T1c*"])
+    label: str | None = "OTMultiClass*"
+    mask: str | None = "brainmask*"
+    label_convention: str = "brats2015"
+    margin: int = 4
+
+    def __post_init__(self):
+        self.modalities = [str(m) for m in self.modalities]
+        if self.label_convention not in LABEL_CONVENTIONS:
+            raise SciMLError(f"data.label_convention: unknown '{self.label_convention}'; expected one of "
+                             f"{', '.join(LABEL_CONVENTIONS)}")
+        if self.margin < 0:
+            raise SciMLError(f"data.margin={self.margin}: must be >= 0")
+
+    def default_path(self) -> Path:
+        return DEFAULT_PATH
+
+    def find(self, path, key: str) -> list[Path]:
+        """Case folders, not files; their names (unique among them) are kept for `open`."""
+        cases = find_cases(path, self.modalities, self.label, self.mask, key)
+        self.__dict__.setdefault("_cases", {}).update({c.folder: c for c in cases})
+        return [c.folder for c in cases]
+
+    def open(self, path: Path) -> FileInfo:
+        files = self.__dict__.get("_cases", {}).get(path) or \
+            case_files(path, path.name, self.modalities, self.label, self.mask)
+        _, shape = check_grid(files)
+        voxels = int(np.prod(shape))
+        return FileInfo(path, rows=1, shape=None, labels=files.label is not None,
+                        groups={"case": np.array([files.name])},
+                        meta={"files": files, "row_bytes": voxels * (4 * len(files.modalities) + 1)})
+
+    def read(self, info: FileInfo, rows: np.ndarray) -> dict[str, np.ndarray]:
+        case = read_case(info.meta["files"], self.label_convention, self.margin)
+        out = {"x": case.x[None], "spacing": np.array([case.spacing], dtype=np.float32)}
+        if case.y is not None:
+            out["y"] = case.y[None]
+        return out
+
+    def write(self, info: FileInfo, rows: np.ndarray, outputs: dict[str, np.ndarray], directory: Path
+              ) -> list[Path]:
+        """`<case>_seg.nii.gz` (uint8 labels in the input's grid, affine and label convention), with
+        `probability`: `<case>_prob.nii.gz` (X, Y, Z, K float32); and `plots/overlay_<case>.png` beside the
+        predictions folder."""
+        from sciml_plugins.tumor.plots import overlay
+
+        case = read_case(info.meta["files"], self.label_convention, self.margin)  # the crop, the image, the truth
+        label = np.asarray(outputs["label"][0])
+        if label.shape != case.x.shape[1:]:
+            raise SciMLError(f"case {case.name}: a prediction of shape {label.shape} for a cropped volume of "
+                             f"{case.x.shape[1:]}")
+        written = [write_labels(case, label, directory / f"{case.name}_seg.nii.gz", self.label_convention)]
+        if "probability" in outputs:
+            probability = np.moveaxis(np.asarray(outputs["probability"][0], dtype=np.float32), 0, -1)
+            written.append(_save(nib.Nifti1Image(case.uncrop(probability), case.affine), case,
+                                 directory / f"{case.name}_prob.nii.gz"))
+        plots = directory.parent / "plots"
+        plots.mkdir(parents=True, exist_ok=True)
+        overlay(case, label, plots / f"overlay_{case.name}.png", self.modalities[0])
+        return written
