@@ -291,8 +291,10 @@ class DataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict):
         self._normalizer_state = state_dict.get("normalizer") or None
-        if self.normalizer is not None and self._normalizer_state:
-            self.normalizer.load_state_dict(self._normalizer_state)
+        if self._normalizer_state:
+            # rebuilt from the state when next needed: a normaliser first built during test or predict holds
+            # inference-mode buffers, which a later restore (test, then predict) cannot update in place
+            self.normalizer = None
 
     # -- predictions --------------------------------------------------------------------------------------------
     def write_predictions(self, parts: list[Path], directory: Path) -> list[Path]:
