@@ -122,7 +122,9 @@ class RegressionTask(SciMLTask):
 
     def predict_step(self, batch, batch_idx):
         mean, std = self.predict_physical(batch["x"])
-        out = {"prediction": mean, "target": batch["y"].reshape(len(mean), -1).float()}
+        out = {"prediction": mean}
+        if "y" in batch:  # unlabelled files are predicted too
+            out["target"] = batch["y"].reshape(len(mean), -1).float()
         if std is not None:
             out["std"] = std
         if "index" in batch:
