@@ -182,6 +182,13 @@ class DataModule(pl.LightningDataModule):
         where = f" (rank {rank} of {world})" if world > 1 else ""
         log.info("data%s: %s", where, ", ".join(f"{k} {len(v)}" for k, v in self.rows.items()))
 
+    @property
+    def statistics_rows(self) -> np.ndarray:
+        """This rank's part of the whole training split: together the ranks' parts hold every training row once (the
+        equal shards that are trained on may leave up to world - 1 rows out). Statistics of the training data that a
+        plugin adds are computed over these rows and summed across ranks, as the normalisation is."""
+        return self._train_all
+
     def _hold_in_memory(self) -> None:
         budget = memory_budget_bytes() if self.max_memory_gb == "auto" else float(self.max_memory_gb) * 2**30
         for store, splits in ((self.store, ("train", "val", "test")), (self.test_store, ("test",))):
