@@ -42,7 +42,9 @@ def run_job(cfg: DictConfig) -> float | None:
     except Exception as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        message = str(exc) if isinstance(exc, SciMLError) else f"{type(exc).__name__}: {exc}"
+        # a SciMLError raised while Hydra instantiates (e.g. in a datamodule's __init__) arrives wrapped: unwrap it
+        cause = exc.__cause__ if isinstance(exc.__cause__, SciMLError) else exc
+        message = str(cause) if isinstance(cause, SciMLError) else f"{type(exc).__name__}: {exc}"
         message = " ".join(message.split())
         log.error(message)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
