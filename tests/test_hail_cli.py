@@ -194,3 +194,13 @@ def test_bad_patch_file_is_one_line_error(patch_dir, tmp_path):
     text = result.stdout + result.stderr
     assert "Traceback" not in text
     assert any("hail_patches_20150520.nc: missing variable(s) T500_curr" in line for line in text.splitlines())
+
+
+def test_test_groups_with_test_path_is_one_line_error(tmp_path):
+    """Both choose the test data: the named day would leave training without being tested."""
+    result = sciml("+plugin=hail", "hail/data=storms", "data.test_groups=[2015-05-20]",
+                   f"data.test_path={tmp_path / UNSEEN}", f"hydra.run.dir={tmp_path / 'run'}", *QUICK)
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "ERROR" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        "data.test_groups and data.test_path both choose the test data: give one of them"), lines
