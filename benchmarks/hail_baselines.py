@@ -30,13 +30,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 
-from sciml_plugins.hail.data import HailPatchDataModule, HailStormDataModule
+from sciml_plugins.hail.data import data_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hail_lodo import features, write_block  # noqa: E402  the MLP's preprocessed inputs
+from hail_lodo import features, storm_module, targets, write_block  # noqa: E402  the MLP's preprocessed inputs
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "hail.md"
-CONF = Path(__file__).resolve().parents[1] / "plugins" / "hail" / "conf"
 BEGIN, END = "<!-- hail_baselines:begin -->", "<!-- hail_baselines:end -->"
 
 
@@ -47,13 +46,17 @@ def scores(y: np.ndarray, p: np.ndarray, climatology: float) -> dict[str, float]
 
 def patch_baselines(cnn_run: str | None) -> tuple[dict, dict, int, int]:
     """Logistic regression on patch means, and on patch means, maxima and minima, of the CNN's input fields."""
-    config = Path(cnn_run) / "config.yaml" if cnn_run else CONF / "hail" / "data" / "patches.yaml"
-    data = OmegaConf.to_container(OmegaConf.load(config).data)
-    dm = HailPatchDataModule(**{k: data[k] for k in ("path", "variables", "val_days", "test_days", "threshold_mm",
-                                                      "max_size_mm") if k in data})
+    overrides = []
+    if cnn_run:  # the run's own data keys (fields, split, threshold)
+        data = OmegaConf.to_container(OmegaConf.load(Path(cnn_run) / "config.yaml").data)
+        overrides = [f"data.{k}={json.dumps(data[k])}" for k in ("path", "variables", "group_by", "split_order",
+                                                                 "val_size", "test_size", "test_groups",
+                                                                 "threshold_mm", "max_size_mm") if k in data]
+    dm = data_module(*overrides)
     dm.setup("fit")
-    x = {k: dm.splits[k].tensors["x"].numpy() for k in ("train", "val", "test")}
-    y = {k: dm.splits[k].tensors["y"].numpy() for k in ("train", "val", "test")}
+    rows = {k: dm.store.read(dm.rows[k]) for k in ("train", "val", "test")}  # raw fields, not standardised
+    x = {k: v["x"] for k, v in rows.items()}
+    y = {k: v["y"] for k, v in rows.items()}
     fit_y = np.concatenate([y["train"], y["val"]])
     result = []
     for stats in (lambda a: a.mean(axis=(2, 3)),
@@ -65,13 +68,12 @@ def patch_baselines(cnn_run: str | None) -> tuple[dict, dict, int, int]:
 
 
 def table_baseline(unseen: str | None, seed: int) -> tuple[dict, int, int]:
-    dm = HailStormDataModule(test_path=unseen)
-    dm.setup("fit")
+    dm = storm_module(*([f"data.test_path={unseen}"] if unseen else []))
     fit_x = np.concatenate([features(dm, "train"), features(dm, "val")])
-    fit_y = np.concatenate([dm.splits[k].tensors["y"].numpy() for k in ("train", "val")])
+    fit_y = np.concatenate([targets(dm, "train"), targets(dm, "val")])
     forest = RandomForestClassifier(n_estimators=500, min_samples_leaf=5, random_state=seed, n_jobs=2)
     forest.fit(fit_x, fit_y)
-    test_y = dm.splits["test"].tensors["y"].numpy()
+    test_y = targets(dm, "test")
     return (scores(test_y, forest.predict_proba(features(dm, "test"))[:, 1], dm.climatology),
             len(fit_y), len(test_y))
 

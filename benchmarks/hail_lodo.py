@@ -1,6 +1,6 @@
 """Leave-one-day-out validation of the tabular mode on the real storm table (11 run days, 2015-05-20 .. 06-03).
 
-Each day in turn is the test day (`data.test_day`); of the other ten, the latest two validate (the MLP's
+Each day in turn is the test day (`data.test_groups=[DAY]`); of the other ten, the latest two validate (the MLP's
 checkpoint of the best validation loss is tested) and eight train. Compared on exactly the same rows and the same
 preprocessed features (missing codes filled, skewed variables logged, clipped, standardised with the training days'
 statistics): the plugin's MLP (`python -m sciml +plugin=hail hail/data=storms`, run as one Hydra multirun), and
@@ -27,7 +27,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from sciml_plugins.hail.data import HailStormDataModule
+from sciml_plugins.hail.data import HailDataModule, data_module
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "hail.md"
 BEGIN, END = "<!-- hail_lodo:begin -->", "<!-- hail_lodo:end -->"
@@ -46,10 +46,21 @@ def scores(y: np.ndarray, p: np.ndarray, climatology: float) -> tuple[float, flo
     return roc_auc_score(y, p), 1 - brier_score_loss(y, p) / np.mean((climatology - y) ** 2)
 
 
-def features(dm: HailStormDataModule, split: str) -> np.ndarray:
+def features(dm: HailDataModule, split: str) -> np.ndarray:
     """The inputs exactly as the MLP sees them (the data module's on-device preprocessing)."""
-    batch = {"x": dm.splits[split].tensors["x"].clone()}
+    batch = {"x": torch.as_tensor(dm.store.read(dm.rows[split])["x"])}
     return dm.on_after_batch_transfer(batch, 0)["x"].numpy()
+
+
+def targets(dm: HailDataModule, split: str) -> np.ndarray:
+    return dm.store.read(dm.rows[split])["y"]
+
+
+def storm_module(*overrides: str) -> HailDataModule:
+    """The MLP's datamodule (`hail/data=storms` and `overrides`), split and fitted."""
+    dm = data_module("hail/data=storms", *overrides)
+    dm.setup("fit")
+    return dm
 
 
 def mlp_runs(days: list[str], sweep: Path) -> dict[str, dict]:
@@ -57,7 +68,7 @@ def mlp_runs(days: list[str], sweep: Path) -> dict[str, dict]:
     def collect():
         found = {}
         for config in sweep.glob("*/config.yaml"):
-            day = str(OmegaConf.load(config).data.test_day)
+            day = str(OmegaConf.load(config).data.test_groups[0])
             if (config.parent / "metrics.json").is_file():
                 found[day] = json.loads((config.parent / "metrics.json").read_text())
         return found
@@ -65,7 +76,7 @@ def mlp_runs(days: list[str], sweep: Path) -> dict[str, dict]:
     found = collect() if sweep.is_dir() else {}
     if set(days) - set(found):
         cmd = [sys.executable, "-m", "sciml", "-m", "+plugin=hail", "hail/data=storms",
-               f"data.test_day={','.join(days)}", f"hydra.sweep.dir={sweep}", "callbacks.progress_bar=null",
+               f"data.test_groups={','.join(f'[{d}]' for d in days)}", f"hydra.sweep.dir={sweep}", "callbacks.progress_bar=null",
                "trainer.enable_model_summary=false"]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
@@ -80,18 +91,15 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
 
-    first = HailStormDataModule(test_day="2015-05-20")
-    first.setup("fit")
-    days = sorted(set(first.meta["run_day"].dt.strftime("%Y-%m-%d")))
+    days = sorted(set(storm_module().store.groups("day")))
     mlp = mlp_runs(days, Path(args.sweep_dir).resolve())
 
     rows = []
     for day in days:
-        dm = HailStormDataModule(test_day=day)
-        dm.setup("fit")
+        dm = storm_module(f"data.test_groups=[{day}]")
         fit_x = np.concatenate([features(dm, "train"), features(dm, "val")])
-        fit_y = np.concatenate([dm.splits[k].tensors["y"].numpy() for k in ("train", "val")])
-        test_x, test_y = features(dm, "test"), dm.splits["test"].tensors["y"].numpy()
+        fit_y = np.concatenate([targets(dm, "train"), targets(dm, "val")])
+        test_x, test_y = features(dm, "test"), targets(dm, "test")
         lr = LogisticRegression(C=0.05, max_iter=5000).fit(fit_x, fit_y)
         rf = RandomForestClassifier(n_estimators=500, min_samples_leaf=5, random_state=args.seed, n_jobs=2)
         rf.fit(fit_x, fit_y)

@@ -47,7 +47,9 @@ def run_job(cfg: DictConfig) -> float | None:
             raise SystemExit(signals.exit_code()) from None
         if not isinstance(exc, Exception) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        message = str(exc) if isinstance(exc, SciMLError) else f"{type(exc).__name__}: {exc}"
+        # a SciMLError raised while Hydra instantiates (e.g. in a datamodule's __init__) arrives wrapped: unwrap it
+        cause = exc.__cause__ if isinstance(exc.__cause__, SciMLError) else exc
+        message = str(cause) if isinstance(cause, SciMLError) else f"{type(exc).__name__}: {exc}"
         message = " ".join(message.split())
         if getattr(exc, "error_log", None) and not isinstance(exc, SciMLError):
             message += f" (details: {exc.error_log})"

@@ -11,8 +11,7 @@ class GagneCNN(nn.Module):
     weight decay. `batch_norm` (after each conv) is our addition: it makes the few-epoch default run converge.
 
     Args:
-        in_channels: input fields (one per entry of `data.variables`).
-        image_size: patch height = width (32).
+        input_shape: (fields, rows, cols) of a patch, handed over from the data (one field per `data.variables`).
         widths: filters per block; its length is the depth.
         kernel_size: odd conv kernel ("same" padding).
         dropout: before the output layer.
@@ -21,23 +20,26 @@ class GagneCNN(nn.Module):
         num_outputs: 2 logits (classification) or mean and log-variance (Gaussian regression).
     """
 
-    def __init__(self, in_channels: int = 10, image_size: int = 32, widths: tuple[int, ...] = (32, 64, 128),
+    def __init__(self, input_shape: tuple[int, int, int] = (10, 32, 32), widths: tuple[int, ...] = (32, 64, 128),
                  kernel_size: int = 5, dropout: float = 0.3, negative_slope: float = 0.2, batch_norm: bool = True,
                  num_outputs: int = 2):
         super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"model.input_shape: expected (fields, rows, cols), got {tuple(input_shape)}")
         if kernel_size % 2 == 0:
             raise ValueError(f"model.kernel_size must be odd, got {kernel_size}")
-        if image_size // 2 ** len(widths) < 1:
-            raise ValueError(f"model.widths: {len(widths)} pooling blocks shrink a {image_size}x{image_size} "
+        channels, height, width = (int(n) for n in input_shape)
+        if min(height, width) // 2 ** len(widths) < 1:
+            raise ValueError(f"model.widths: {len(widths)} pooling blocks shrink a {height}x{width} "
                              "patch below one grid point")
-        blocks, channels = [], in_channels
-        for width in widths:
-            blocks += [nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2, bias=not batch_norm),
-                       *([nn.BatchNorm2d(width)] if batch_norm else []),
+        blocks = []
+        for filters in widths:
+            blocks += [nn.Conv2d(channels, filters, kernel_size, padding=kernel_size // 2, bias=not batch_norm),
+                       *([nn.BatchNorm2d(filters)] if batch_norm else []),
                        nn.LeakyReLU(negative_slope, inplace=True), nn.MaxPool2d(2)]
-            channels = width
+            channels = filters
         self.features = nn.Sequential(*blocks)
-        flat = channels * (image_size // 2 ** len(widths)) ** 2
+        flat = channels * (height // 2 ** len(widths)) * (width // 2 ** len(widths))
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, num_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,12 +47,15 @@ class GagneCNN(nn.Module):
 
 
 class StormMLP(nn.Module):
-    """Fully connected network on per-storm statistics: Linear + leaky ReLU + dropout per hidden layer."""
+    """Fully connected network on per-storm statistics: Linear + leaky ReLU + dropout per hidden layer.
+    `input_shape`: (features,), handed over from the data (variables x statistics)."""
 
-    def __init__(self, in_features: int = 72, hidden: tuple[int, ...] = (64, 32), dropout: float = 0.2,
+    def __init__(self, input_shape: tuple[int] = (36,), hidden: tuple[int, ...] = (64, 32), dropout: float = 0.2,
                  negative_slope: float = 0.2, num_outputs: int = 2):
         super().__init__()
-        layers, width = [], in_features
+        if len(input_shape) != 1:
+            raise ValueError(f"model.input_shape: expected (features,), got {tuple(input_shape)}")
+        layers, width = [], int(input_shape[0])
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LeakyReLU(negative_slope, inplace=True), nn.Dropout(dropout)]
             width = h

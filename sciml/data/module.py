@@ -82,6 +82,8 @@ class DataModule(pl.LightningDataModule):
         self.reader: Reader = cls(**options)
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise SciMLError(f"data.batch_size={batch_size}, data.eval_batch_size={eval_batch_size}: must be >= 1")
+        if test_path and test_groups:  # the named groups would leave training without being tested
+            raise SciMLError("data.test_groups and data.test_path both choose the test data: give one of them")
         if train_split not in ("rest", "all"):
             raise SciMLError(f"data.train_split: '{train_split}' is not one of rest, all")
         if max_memory_gb != "auto" and not isinstance(max_memory_gb, (int, float)):
