@@ -51,7 +51,7 @@ def run_job(cfg: DictConfig) -> float | None:
         cause = exc.__cause__ if isinstance(exc.__cause__, SciMLError) else exc
         message = str(cause) if isinstance(cause, SciMLError) else f"{type(exc).__name__}: {exc}"
         message = " ".join(message.split())
-        if getattr(exc, "error_log", None) and not isinstance(exc, SciMLError):
+        if getattr(exc, "error_log", None) and not isinstance(cause, SciMLError):
             message += f" (details: {exc.error_log})"
         log.error(message)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
