@@ -136,11 +136,13 @@ def hand_shapes_to_model(cfg: DictConfig, datamodule) -> None:
     if shape is None or "input_shape" not in inspect.signature(target).parameters:
         return
     given = cfg.model.get("input_shape")
-    if given is not None and tuple(given) != tuple(shape):
+    fixed = type(datamodule.reader).fixed_dims  # e.g. 1: a fully convolutional network takes any grid
+    if given is not None and tuple(given)[:fixed] != tuple(shape)[:fixed]:
         raise SciMLError(f"model.input_shape={list(given)}, but the data's rows have shape {list(shape)}"
                          + (" (the checkpoint was trained on other data)" if not cfg.train else ""))
-    with open_dict(cfg):
-        cfg.model.input_shape = list(shape)
+    if given is None or cfg.train:  # a checkpoint's network stays the one it was trained as
+        with open_dict(cfg):
+            cfg.model.input_shape = list(shape)
 
 
 def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningModule,

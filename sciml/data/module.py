@@ -73,7 +73,7 @@ class DataModule(pl.LightningDataModule):
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise SciMLError(f"data.{unknown[0]}: unknown key for {cls.__name__}; data keys are "
-                             f"{', '.join(sorted(accepted | set(_own_keys())))}")
+                             f"{', '.join(sorted(accepted | set(_own_keys(type(self)))))}")
         self.reader: Reader = cls(**options)
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise SciMLError(f"data.batch_size={batch_size}, data.eval_batch_size={eval_batch_size}: must be >= 1")
@@ -89,6 +89,7 @@ class DataModule(pl.LightningDataModule):
         self.normalize, self.max_memory_gb = normalize, max_memory_gb
         self.store = None       # the rows of `path`
         self.test_store = None  # the rows tested and predicted (`test_path`, or `store`)
+        self.split_rows: dict[str, np.ndarray] = {}  # the rows of each split of `path`, all ranks' (not sharded)
         self.rows: dict[str, np.ndarray] = {}  # this rank's rows of each split
         self.normalizer: Normalizer | None = None
         self._normalizer_state: dict | None = None
@@ -96,7 +97,8 @@ class DataModule(pl.LightningDataModule):
     @classmethod
     def config_parameters(cls, node: Mapping) -> dict[str, inspect.Parameter]:
         """The keys `data:` accepts: the module's own and the reader's (for config checks before any data is read)."""
-        params = {k: p for k, p in inspect.signature(cls).parameters.items() if p.kind != p.VAR_KEYWORD}
+        params = {k: p for base in reversed(cls.__mro__) if issubclass(base, DataModule)
+                  for k, p in inspect.signature(base).parameters.items() if p.kind != p.VAR_KEYWORD}
         reader = node.get("reader")
         if isinstance(reader, str):
             params |= dict(inspect.signature(get_class(reader)).parameters)
@@ -122,8 +124,10 @@ class DataModule(pl.LightningDataModule):
                 raise SciMLError(f"data.path: {unlabelled} has no labels; training needs them")
         if self.test_store is None:
             self.test_store = self._open(self.test_path, "data.test_path") if self.test_path else self.store
+            fixed = type(self.reader).fixed_dims  # the dimensions a trained network is bound to
             if self.store is not None and self.test_store is not self.store and \
-                    None not in (self.store.shape, self.test_store.shape) and self.store.shape != self.test_store.shape:
+                    None not in (self.store.shape, self.test_store.shape) and \
+                    self.store.shape[:fixed] != self.test_store.shape[:fixed]:
                 raise SciMLError(f"data.test_path: rows of shape {self.test_store.shape}, training data "
                                  f"{self.store.shape}")
 
@@ -161,6 +165,7 @@ class DataModule(pl.LightningDataModule):
                 log.warning("data.train_split=all: validation and test rows are also trained on; their scores are "
                             "not held-out estimates")
                 parts["train"] = np.arange(len(self.store))
+            self.split_rows = {k: v for k, v in parts.items() if k != "test" or not self.test_path}
             if stage == "fit" and len(parts["train"]) < world:
                 raise SciMLError(f"data.path: {len(parts['train'])} training rows in {where}, fewer than the "
                                  f"{world} ranks")
@@ -227,16 +232,20 @@ class DataModule(pl.LightningDataModule):
         tensor = torch.as_tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
         return trainer.strategy.reduce(tensor, reduce_op=op).cpu().numpy()
 
-    def class_frequencies(self) -> np.ndarray:
-        """Label counts per class over this rank's training rows (for class weights), read in blocks."""
-        rows = np.sort(self._train_all)
+    def class_frequencies(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Label counts per class over the training rows (for class weights), or over `rows` of them (e.g. the
+        labelled ones of a semi-supervised run): each rank counts those of its own shard, read in blocks, and the
+        counts are summed over the ranks."""
+        rows = np.sort(self._train_all if rows is None else np.intersect1d(self._train_all, rows))
         counts = np.zeros(0)
         for i in range(0, len(rows), 256):
             y = np.asarray(self.store.read(rows[i:i + 256])["y"]).astype(np.int64).ravel()
             found = np.bincount(y)
             counts = np.pad(counts, (0, max(0, len(found) - len(counts))))
             counts[:len(found)] += found
-        return self._reduce(counts, "sum")
+        # ranks may have seen different highest classes (or no rows): agree on the length before summing
+        classes = int(self._reduce(np.array([len(counts)], dtype=np.float64), "max")[0])
+        return self._reduce(np.pad(counts, (0, classes - len(counts))), "sum")
 
     # -- loaders ----------------------------------------------------------------------------------------------
     def train_dataset(self, rows: np.ndarray) -> Dataset:
@@ -306,6 +315,8 @@ class DataModule(pl.LightningDataModule):
         self.reader.close()
 
 
-def _own_keys() -> list[str]:
-    return [k for k, p in inspect.signature(DataModule).parameters.items() if p.kind != p.VAR_KEYWORD]
+def _own_keys(cls: type[DataModule] = DataModule) -> list[str]:
+    """The keys of `cls` and of the DataModule classes it extends (a plugin's subclass adds its own)."""
+    return [k for base in cls.__mro__ if issubclass(base, DataModule)
+            for k, p in inspect.signature(base).parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
 

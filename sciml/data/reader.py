@@ -54,6 +54,11 @@ class Reader(ABC):
     patterns: ClassVar[tuple[str, ...]] = ()
     """Glob patterns of the files in a folder given as `data.path`, e.g. ("*.h5", "*.hdf5")."""
 
+    fixed_dims: ClassVar[int | None] = None
+    """How many leading dimensions of a row's shape a trained network is bound to (None: all). A reader whose rows
+    a fully convolutional network segments on any grid sets 1 (channels): test and prediction files may then have
+    another grid than the training files (files read together still share one shape)."""
+
     def default_path(self) -> Path | list[Path] | None:
         """The embedded sample used when `data.path` is null (None: the plugin has none)."""
         return None
