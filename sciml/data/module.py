@@ -172,10 +172,11 @@ class DataModule(pl.LightningDataModule):
             if stage == "fit" and len(parts["val"]) == 0:
                 raise SciMLError(f"data.val_size={self.val_size}: the validation split of {where} is empty; "
                                  "training selects its best checkpoint on it")
-            self._train_all = shard(parts["train"], rank, world, equal=False)  # statistics see every training row
+            dealt = self.train_rows(parts["train"])
+            self._train_all = shard(dealt, rank, world, equal=False)  # statistics see every training row
             # Training and validation run through DDP's wrapped model, whose collectives need the same number of
             # batches on every rank: equal shards. Test and predict need not: an exact partition.
-            self.rows["train"] = shard(parts["train"], rank, world, equal=True)
+            self.rows["train"] = shard(dealt, rank, world, equal=True)
             self.rows["val"] = shard(parts["val"], rank, world, equal=True)
             if not self.test_path:
                 self.rows["test"] = shard(parts["test"], rank, world, equal=False)
@@ -248,6 +249,11 @@ class DataModule(pl.LightningDataModule):
         return self._reduce(np.pad(counts, (0, classes - len(counts))), "sum")
 
     # -- loaders ----------------------------------------------------------------------------------------------
+    def train_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The training rows (all ranks') in the order they are dealt to the ranks: every world-th row from the
+        rank's offset. Plugins may reorder them, e.g. labelled rows first so that each rank gets its share of them."""
+        return rows
+
     def train_dataset(self, rows: np.ndarray) -> Dataset:
         """The training rows as a dataset (plugins may add per-row keys, e.g. `labeled`)."""
         return Rows(self.store, rows)
