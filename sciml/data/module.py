@@ -306,8 +306,10 @@ class DataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict):
         self._normalizer_state = state_dict.get("normalizer") or None
-        if self.normalizer is not None and self._normalizer_state:
-            self.normalizer.load_state_dict(self._normalizer_state)
+        if self._normalizer_state:
+            # rebuilt from this state on the next batch: a normaliser made during a test (inference mode) holds
+            # inference tensors, which the in-place copy of load_state_dict may not update (test, then predict)
+            self.normalizer = None
 
     # -- predictions --------------------------------------------------------------------------------------------
     def write_predictions(self, parts: list[Path], directory: Path) -> list[Path]:
