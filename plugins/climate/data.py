@@ -77,7 +77,8 @@ class ClimateDataModule(DataModule):
     def class_frequencies(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Pixel counts per class over the labelled training rows (for inverse-frequency class weights)."""
         counts = super().class_frequencies(self.labeled_rows if rows is None else rows)
-        names = self.reader.class_names if hasattr(self.reader, "class_names") else range(len(counts))
+        names = self.reader.class_names
+        counts = np.pad(counts, (0, max(0, len(names) - len(counts))))  # classes absent from the training labels
         log.info("training pixel fractions: %s", ", ".join(
             f"{n} {f:.4f}" for n, f in zip(names, counts / max(counts.sum(), 1))))
         return counts

@@ -20,8 +20,8 @@ def _coordinate(info: FileInfo, name: str, downsample: int) -> xr.DataArray:
 
 
 def write_netcdf(info: FileInfo, rows: np.ndarray, outputs: dict[str, np.ndarray], truth: np.ndarray | None,
-                 class_names: list[str], directory: Path, downsample: int = 1, name: str | None = None) -> Path:
-    """`<name or input stem>_pred.nc` for the predicted time steps `rows` of one input file: `LABELS_PRED`, `PROB_<CLASS>`
+                 class_names: list[str], directory: Path, downsample: int = 1, stem: str | None = None) -> Path:
+    """`<stem (default: the input's)>_pred.nc` for the predicted time steps `rows` of one input file: `LABELS_PRED`, `PROB_<CLASS>`
     per foreground class and, when the input has them, its `LABELS`; (time, lat, lon) on the input's time values,
     units and calendar, or (lat, lon) when the input has no time dimension."""
     meanings = " ".join(FLAG_MEANINGS.get(n, n) for n in class_names)
@@ -54,7 +54,7 @@ def write_netcdf(info: FileInfo, rows: np.ndarray, outputs: dict[str, np.ndarray
         "Conventions": "CF-1.8", "title": "Tropical cyclone and atmospheric river segmentation",
         "source": "sciml climate plugin (ClimateUNet)", "input_file": str(path),
         "history": f"predicted from {path.name}"})
-    target = directory / f"{name or path.stem}_pred.nc"
+    target = directory / f"{stem or path.stem}_pred.nc"
     tmp = directory / f".{target.name}.tmp"
     encoding = {v: {"zlib": True, "complevel": 4} for v in data}
     ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)

@@ -221,10 +221,12 @@ class ClimateNetReader(Reader):
         from sciml_plugins.climate.output import write_maps, write_netcdf
 
         truth = self.read_labels(info, rows) if info.labels else None
-        names = self.__dict__.setdefault("_names", {})  # output name -> input: inputs of one name in two folders
-        name = info.path.stem if names.get(info.path.stem, info.path) == info.path else f"{info.path.stem}_{len(names)}"
-        names[name] = info.path
-        target = write_netcdf(info, rows, outputs, truth, self.class_names, directory, self.downsample, name)
+        stems = self.__dict__.setdefault("_stems", {})  # output stem -> input (two inputs of one name)
+        stem = info.path.stem
+        if stems.setdefault(stem, info.path) != info.path:
+            stem = f"{stem}_{len(stems)}"
+            stems[stem] = info.path
+        target = write_netcdf(info, rows, outputs, truth, self.class_names, directory, self.downsample, stem)
         if self.num_maps > 0:
             self._maps = write_maps(self, info, rows, outputs["label"], truth, directory.parent / "plots",
                                     self._maps)
