@@ -8,7 +8,7 @@ from omegaconf import open_dict
 
 from sciml import plugins, searchpath
 from sciml.optim.factory import build_optimizer, build_scheduler
-from sciml.run import _strategy
+from sciml.run import _strategy, hand_shapes_to_model
 
 
 def _compose(tmp_path, *overrides):
@@ -27,6 +27,7 @@ def _compose(tmp_path, *overrides):
 @pytest.mark.parametrize("scheduler", ["none", "cosine", "warmup_poly"])
 def test_optimizer_and_scheduler_options(tmp_path, plugin, optimizer, scheduler):
     cfg = _compose(tmp_path, f"+plugin={plugin}", f"optimizer={optimizer}", f"scheduler={scheduler}")
+    hand_shapes_to_model(cfg, instantiate(cfg.data))  # the data's row shape, as sciml.run hands it over
     model = instantiate(cfg.model)
     opt = build_optimizer(cfg.optimizer, model, global_batch=512)
     assert type(opt).__name__ == {"sgd": "SGD", "adamw": "AdamW", "lars": "LARS", "lamb": "LAMB"}[optimizer]
