@@ -21,9 +21,9 @@ def _coordinate(info: FileInfo, name: str, downsample: int) -> xr.DataArray:
 
 def write_netcdf(info: FileInfo, rows: np.ndarray, outputs: dict[str, np.ndarray], truth: np.ndarray | None,
                  class_names: list[str], directory: Path, downsample: int = 1, stem: str | None = None) -> Path:
-    """`<stem (default: the input's)>_pred.nc` for the predicted time steps `rows` of one input file: `LABELS_PRED`, `PROB_<CLASS>`
-    per foreground class and, when the input has them, its `LABELS`; (time, lat, lon) on the input's time values,
-    units and calendar, or (lat, lon) when the input has no time dimension."""
+    """`<stem (default: the input's)>_pred.nc` for the predicted time steps `rows` of one input file: `LABELS_PRED`,
+    `PROB_<CLASS>` per foreground class and, when the input has them, its `LABELS`; (time, lat, lon) on the input's
+    time values, units and calendar, or (lat, lon) when the input has no time dimension."""
     meanings = " ".join(FLAG_MEANINGS.get(n, n) for n in class_names)
     flags = np.arange(len(class_names), dtype=np.uint8)
     has_time = info.meta["has_time"]
