@@ -10,7 +10,7 @@ from sciml_plugins.climate.model import ClimateUNet
 
 @pytest.mark.parametrize("shape", [(96, 144), (35, 57), (8, 9)])
 def test_any_grid_gives_logits_on_that_grid(shape):
-    net = ClimateUNet(widths=[4, 8, 8]).eval()
+    net = ClimateUNet(input_shape=(4, *shape), widths=[4, 8, 8]).eval()
     x = torch.randn(2, 4, *shape)
     assert net(x).shape == (2, 3, *shape)
     # the padding is on the far edges only: the top-left region sees the same field as in a larger input
@@ -21,11 +21,12 @@ def test_any_grid_gives_logits_on_that_grid(shape):
 
 
 def test_reconstruction_branch_sees_only_the_bottleneck():
-    net = ClimateUNet(widths=[4, 8], reconstruction=True).eval()
+    net = ClimateUNet(input_shape=(4, 16, 20), widths=[4, 8], reconstruction=True).eval()
     x = torch.randn(1, 4, 16, 20)
     out = net(x)
     assert out["logits"].shape == (1, 3, 16, 20) and out["reconstruction"].shape == x.shape
-    assert not any(p.requires_grad and "reconstruction" in n for n, p in ClimateUNet(widths=[4, 8]).named_parameters())
+    supervised = ClimateUNet(input_shape=(4, 8, 8), widths=[4, 8])
+    assert not any(p.requires_grad and "reconstruction" in n for n, p in supervised.named_parameters())
 
 
 @pytest.mark.parametrize("overrides, semi", [([], False), (["data.labeled_fraction=0.1"], True),

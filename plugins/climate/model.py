@@ -7,6 +7,8 @@ multiple of the network stride by edge replication and the outputs cropped back 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,16 +26,18 @@ class ClimateUNet(nn.Module):
     """Encoder-decoder segmentation network.
 
     Args:
-        in_channels: input variables (TMQ, U850, V850, PSL: 4).
+        input_shape: one row's shape (variables, lat, lon), handed over by sciml from the data; only the number of
+            variables binds the network (any grid is segmented).
         num_classes: output classes (background, TC, AR: 3).
         widths: channels per resolution level; len(widths) - 1 down-samplings by 2.
         reconstruction: also return `reconstruction`, the input rebuilt from the bottleneck alone.
         dropout: spatial dropout after the bottleneck.
     """
 
-    def __init__(self, in_channels: int = 4, num_classes: int = 3, widths: list[int] = (16, 32, 64),
+    def __init__(self, input_shape: Sequence[int], num_classes: int = 3, widths: Sequence[int] = (16, 32, 64),
                  reconstruction: bool = False, dropout: float = 0.0):
         super().__init__()
+        in_channels = int(input_shape[0])
         widths = list(widths)
         if len(widths) < 2:
             raise ValueError(f"model.widths needs at least two levels, got {widths}")

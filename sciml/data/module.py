@@ -205,7 +205,7 @@ class DataModule(pl.LightningDataModule):
                 self.rows["test"] = shard(parts["test"], rank, world, equal=False)
         if "test" not in self.rows and self.test_store is not None and self.test_store is not self.store:
             self.rows["test"] = shard(np.arange(len(self.test_store)), rank, world, equal=False)
-        self._hold_in_memory()
+        self._hold_in_memory(stage)
         if stage == "fit":
             self._fit_normalizer()
         where = f" (rank {rank} of {world})" if world > 1 else ""
@@ -216,9 +216,11 @@ class DataModule(pl.LightningDataModule):
             return memory_budget_bytes()
         return float(self.max_memory_gb) * 2**30
 
-    def _hold_in_memory(self) -> None:
+    def _hold_in_memory(self, stage: str) -> None:
         budget = self._budget()
-        for store, splits in ((self.store, ("train", "val", "test")), (self.test_store, ("test",))):
+        # a test-only or predict run needs only the test rows (not a large training set's)
+        needed = ("train", "val", "test") if stage == "fit" else ("val",) if stage == "validate" else ("test",)
+        for store, splits in ((self.store, needed), (self.test_store, ("test",))):
             if store is None or store.placed:
                 continue
             wanted = [self.train_rows if s == "train" else self.rows[s] for s in splits
