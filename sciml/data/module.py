@@ -179,7 +179,7 @@ class DataModule(pl.LightningDataModule):
                 raise SciMLError(f"data.path: {len(parts['train'])} training rows in {where}, fewer than the "
                                  f"{world} ranks")
             self.split_rows = {k: v for k, v in parts.items() if k != "test" or not self.test_path}
-            validates = self.trainer is None or self.trainer.limit_val_batches != 0
+            validates = getattr(self.trainer, "limit_val_batches", 1) != 0
             if stage == "fit" and len(parts["val"]) == 0 and validates:
                 raise SciMLError(f"data.val_size={self.val_size}: the validation split of {where} is empty; "
                                  "training selects its best checkpoint on it (+trainer.limit_val_batches=0 "
