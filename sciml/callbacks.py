@@ -1,11 +1,13 @@
-"""Lightning callbacks every run gets: throughput, divergence guard, training curves."""
+"""Lightning callbacks every run gets: throughput, divergence guard, training curves, RNG state in checkpoints."""
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.data import extract_batch_size
@@ -107,3 +109,35 @@ class TrainingCurves(pl.Callback):
 
     def load_state_dict(self, state_dict):
         self.history = defaultdict(list, state_dict.get("history", {}))
+
+
+class RNGState(pl.Callback):
+    """Keeps every global random generator (torch, CUDA, numpy, Python `random`) in checkpoints and restores them on
+    resume, so that a rerun from `last.ckpt` draws the same shuffles, dropout masks and augmentations as the
+    uninterrupted run would have: resumed runs end with the same metrics.
+
+    The states are taken when the checkpoint is written (at the end of an epoch, after validation) and set when
+    Lightning restores callbacks, before the training dataloader's iterator is created (the sanity check in between
+    runs under Lightning's `isolate_rng`). Ranks of a DDP run share one seed (`seed_everything`) and draw alike, so
+    rank 0's states serve every rank. Stored as plain tensors and lists: loadable with `weights_only=True`.
+    """
+
+    def state_dict(self):
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        cuda = [s.clone() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+        version, state, python_gauss = random.getstate()
+        return {"torch": torch.get_rng_state(), "cuda": cuda,
+                "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                "python": [version, list(state), python_gauss]}
+
+    def load_state_dict(self, state_dict):
+        if not state_dict:
+            return  # a checkpoint written before this callback existed
+        torch.set_rng_state(state_dict["torch"])
+        if torch.cuda.is_available():
+            for device, state in enumerate(state_dict["cuda"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, device)
+        name, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, state, python_gauss = state_dict["python"]
+        random.setstate((version, tuple(state), python_gauss))

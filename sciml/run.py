@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sciml import rundir, signals
 from sciml.distributed import launch  # also registers strategy "hybrid" with Lightning
 from sciml.errors import SciMLError
 
@@ -29,16 +30,22 @@ class JobFailed(CompactHydraException):
 def run_job(cfg: DictConfig) -> float | None:
     """Hydra's task function. Returns the configured objective so that sweepers can use it.
 
-    Errors become one line naming what is wrong; the full traceback is kept for HYDRA_FULL_ERROR=1. In a multirun
-    the failure is re-raised so that Hydra records the job as failed while the other jobs go on.
+    Errors become one line naming what is wrong; the full traceback goes to `<run>/error.log` (and to the console
+    with HYDRA_FULL_ERROR=1). In a multirun the failure is re-raised so that Hydra records the job as failed while
+    the other jobs go on. A fit stopped by a signal exits with 128 + its number (sciml.signals).
     """
     try:
-        return run(cfg)
-    except Exception as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        with rundir.claim(cfg):  # lock, resume policy, error.log
+            return run(cfg)
+    except BaseException as exc:
+        if signals.stopped_by_signal(exc):
+            raise SystemExit(signals.exit_code()) from None
+        if not isinstance(exc, Exception) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         message = str(exc) if isinstance(exc, SciMLError) else f"{type(exc).__name__}: {exc}"
         message = " ".join(message.split())
+        if getattr(exc, "error_log", None) and not isinstance(exc, SciMLError):
+            message += f" (details: {exc.error_log})"
         log.error(message)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise JobFailed(message) from None
@@ -61,7 +68,7 @@ def run(cfg: DictConfig) -> float | None:
     # DistributedSampler on top, which would shard the shards.
     sampler = {"use_distributed_sampler": False} if getattr(datamodule, "shards_by_rank", False) else {}
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                      strategy=_strategy(cfg.strategy), **sampler)
+                                      strategy=_strategy(cfg.strategy), plugins=[rundir.checkpoint_io()], **sampler)
     with launch.job_scope(trainer):  # ends this job's DDP processes and process group (multirun: before the next)
         return _fit_test_predict(cfg, trainer, task, datamodule, out)
 
@@ -70,12 +77,12 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
                       datamodule: pl.LightningDataModule, out: Path) -> float | None:
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        rundir.write_text(out / rundir.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
     checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)  # the best-model one
     fit_metrics: dict[str, float] = {}
     if cfg.train:
-        last = out / "checkpoints" / "last.ckpt"
+        last = rundir.last_checkpoint(out)
         resume = cfg.ckpt_path or (str(last) if last.is_file() else None)
         if resume:
             if cfg.ckpt_path:
@@ -83,6 +90,7 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
             else:
                 _check_checkpoint(resume, task, f"run directory '{out}'", hint=", or a new run directory")
             log.info("resuming from %s", resume)
+        rundir.continue_logs(trainer, resume)  # metrics.csv and TensorBoard keep the epochs before `resume`
         trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
         fit_metrics = _floats(trainer.callback_metrics)
         test_ckpt = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
@@ -101,9 +109,7 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
     metrics["model/params"] = float(sum(p.numel() for p in task.model.parameters()))
     if trainer.is_global_zero:
         _save_predictions(datamodule, predictions, out / "predictions")
-        tmp = out / ".metrics.json.tmp"  # written whole, then renamed: readers never see half a file
-        tmp.write_text(json.dumps(dict(sorted(metrics.items())), indent=2, allow_nan=False))
-        tmp.replace(out / "metrics.json")
+        rundir.write_text(out / "metrics.json", json.dumps(dict(sorted(metrics.items())), indent=2, allow_nan=False))
         log.info("metrics: %s", json.dumps({k: round(v, 5) for k, v in sorted(metrics.items())}))
         log.info("run directory: %s", out)
     return _objective(metrics, cfg.objective)

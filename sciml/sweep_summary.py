@@ -85,6 +85,6 @@ def write_summary(sweep_dir: Path) -> Path | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{id(text)}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from sciml.rundir import write_text  # temporary file in the same directory, fsync, rename
+
+    write_text(path, text)

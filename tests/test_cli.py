@@ -79,15 +79,19 @@ def test_interrupted_run_resumes_in_place(tmp_path, data_file):
     assert last["epoch"] == 2 and last["global_step"] == 3 * 9  # 3 epochs of ceil(269 / 32) batches
     with open(run_dir / "logs" / "metrics.csv") as f:
         epochs = {row["epoch"] for row in csv.DictReader(f) if row.get("val/loss")}
-    assert epochs == {"1", "2"}, "the resumed run trained epochs 1 and 2 only"
+    assert epochs == {"0", "1", "2"}, "the resumed run's log continues the first run's"
     (run_dir / "metrics.json").unlink()
     again = sciml("+plugin=hep", f"data.path={data_file}", f"hydra.run.dir={run_dir}", *FAST,
                   "trainer.max_epochs=3")  # already complete: nothing to train, test and predict again
     assert again.returncode == 0, again.stderr[-3000:]
     assert "test/auc" in json.loads((run_dir / "metrics.json").read_text())
-    # The same run directory with another network: one line naming the checkpoint, nothing overwritten.
+    # The same run directory with another network: refused by the resume policy in one line naming the key, and
+    # with resume=force by the checkpoint check in one line naming the checkpoint; nothing overwritten.
     other = sciml("+plugin=hep", f"data.path={data_file}", f"hydra.run.dir={run_dir}", *FAST,
                   "trainer.max_epochs=3", "model.widths=[4,8]")
+    _one_line_error(other, str(run_dir), "another config", "model.widths: [8, 8] -> [4, 8]")
+    other = sciml("+plugin=hep", f"data.path={data_file}", f"hydra.run.dir={run_dir}", *FAST,
+                  "trainer.max_epochs=3", "model.widths=[4,8]", "resume=force")
     _one_line_error(other, str(run_dir / "checkpoints" / "last.ckpt"), "different model",
                     "model.features.0.weight is (8, 3, 3, 3), expected (4, 3, 3, 3)")
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3 * 9

@@ -86,7 +86,8 @@ def test_ddp_run_fills_its_run_directory(ddp_run, data_file):
     _check_predictions(ddp_run, data_file)
     # rank 1 ran in the same directory, on its own shard, and wrote no .hydra/ of its own
     assert "HEP data (rank 1 of 2): train 128, val 27, test 27" in (ddp_run / "hep_rank1.log").read_text()
-    assert sorted(p.name for p in ddp_run.iterdir() if p.name.startswith(".")) == [".hydra"]
+    # (.lock is rank 0's hold on the run directory, sciml.rundir)
+    assert sorted(p.name for p in ddp_run.iterdir() if p.name.startswith(".")) == [".hydra", ".lock"]
 
 
 def test_ddp_channel_maxima_are_those_of_the_whole_training_split(ddp_run, data_file):
