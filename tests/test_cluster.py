@@ -4,6 +4,7 @@
 - the sbatch script of docs/distributed.md: 2 ranks under srun, one run directory, metrics written once;
 - a sweep through `hydra/launcher=slurm`: a job array whose jobs share the submitting process's sweep directory
   and its summary;
+- preemption: SLURM's warning signal, a checkpoint, requeue, resume, and the metrics of an uninterrupted job;
 - sweeps through `hydra/launcher=ray_jobs` against the running Ray head: relative paths, a failed job and a job
   whose worker was killed recorded in summary.csv, and a DDP job (2 ranks inside one Ray task).
 """
@@ -26,6 +27,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
 TINY = [*FAST, "trainer.max_epochs=1"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+# What `source .venv/bin/activate` does for a job, for the interpreter running the tests (an activate script names
+# the directory its venv was created in, which need not be this one).
+ACTIVATE = f"export PATH={Path(sys.executable).parent}:$PATH"
 
 
 def _summary(sweep_dir: Path) -> list[dict]:
@@ -48,7 +52,7 @@ def _documented_sbatch_script() -> str:
     for old, new in [("--nodes=2", "--nodes=1"), ("--ntasks-per-node=4", "--ntasks-per-node=2"),
                      ("#SBATCH --gpus-per-node=4\n", ""), ("--cpus-per-task=8", "--cpus-per-task=1"),
                      ("--time=02:00:00", "--time=00:05:00"),
-                     ("source .venv/bin/activate", f"source {Path(sys.prefix) / 'bin' / 'activate'}"),
+                     ("source .venv/bin/activate", ACTIVATE),
                      ("data.path=/scratch/jets/", "data.path=images.h5"),
                      ("strategy.group_size=4", "strategy.group_size=1"), ("strategy.sync_period=8", "strategy.sync_period=2"),
                      ("trainer.num_nodes=2 trainer.devices=4", "trainer.num_nodes=1 trainer.devices=2"),
@@ -94,6 +98,85 @@ def test_slurm_sweep_lands_in_one_sweep_directory(slurm, tmp_path):
         assert (sweep / job / "metrics.json").is_file()
         submitit_logs = list((sweep / ".submitit").glob(f"*_{job}/*_log.out"))
         assert len(submitit_logs) == 1, submitit_logs  # run as a job of the array, on the cluster
+
+
+def _preemptible_script(tmp_path: Path) -> Path:
+    script = tmp_path / "job.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=1
+#SBATCH --output=slurm-%j.out
+#SBATCH --open-mode=append
+#SBATCH --time=00:10:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@120
+{ACTIVATE}
+srun python -m sciml +plugin=hep data.path=images.h5 {' '.join(f"'{o}'" for o in FAST)} trainer.max_epochs=4 \\
+    requeue=true
+""")
+    return script
+
+
+def _job_field(job: int, field: str) -> str | None:
+    result = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True, timeout=30)
+    match = re.search(rf"\b{field}=(\S+)", result.stdout)
+    return match[1] if match else None
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    """SLURM's warning signal (what `#SBATCH --signal=USR1@120` sends 120 s before the time limit; sent here with
+    `scancel --signal=USR1` at a known point) makes the run save `last.ckpt` at the next step boundary and, with
+    `requeue=true`, requeue itself (docs/resilience.md); the requeued job (same id, same run directory) resumes from
+    it and finishes. Then it must end with the metrics of the same job run without interruption."""
+    write_h5(tmp_path / "images.h5", n=600)
+    script = _preemptible_script(tmp_path)
+    submit = ["sbatch", "--parsable", f"--chdir={tmp_path}", str(script)]
+    job = int(subprocess.run(submit, capture_output=True, text=True, check=True).stdout.strip())
+    reference = int(subprocess.run(submit, capture_output=True, text=True, check=True).stdout.strip())
+    run = tmp_path / "outputs" / "hep" / f"slurm-{job}"
+
+    def epochs_logged() -> int:
+        csv_file = run / "logs" / "metrics.csv"
+        return sum(1 for line in csv_file.read_text().splitlines()[1:] if line.split(",")[0]) if \
+            csv_file.is_file() else 0
+
+    def first_epoch_done() -> bool:
+        state = _job_field(job, "JobState")
+        assert state in ("PENDING", "RUNNING"), f"job {job} is {state}: " + \
+            (tmp_path / f"slurm-{job}.out").read_text()[-3000:]
+        return epochs_logged() >= 1 and state == "RUNNING"
+
+    wait_for(first_epoch_done, 180, "epoch 1 of the job")
+    subprocess.run(["scancel", "--signal=USR1", str(job)], check=True, timeout=30)
+    wait_for(lambda: _job_field(job, "Restarts") == "1" and _job_field(job, "JobState") == "PENDING", 120,
+             "the job to be requeued")
+    # SLURM holds a requeued job back for 2 minutes (its begin time); a real queue would start it later anyway. Not
+    # in the same second as the requeue, though: slurmd refuses a credential no newer than the revoked one ("Job
+    # credential revoked").
+    time.sleep(3)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+    wait_for(lambda: _job_field(job, "JobState") != "PENDING", 60, "the requeued job to start")
+    wait_for(lambda: _job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
+             "the requeued job to finish")
+    wait_for(lambda: _job_field(reference, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
+             "the uninterrupted job to finish")
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert _job_field(job, "JobState") == "COMPLETED", out[-4000:]
+    assert _job_field(reference, "JobState") == "COMPLETED"
+    assert re.search(rf"sciml: received SIGUSR1 at epoch \d+ step \d+; checkpoint saved to \S+last\.ckpt; "
+                     rf"requeued SLURM job {job}", out), out[-4000:]
+    assert re.search(r"Restored all states from the checkpoint at \S+/checkpoints/last\.ckpt", out), out[-4000:]
+    assert sorted(p.name for p in run.parent.iterdir()) == sorted([f"slurm-{job}", f"slurm-{reference}"])
+
+    resumed = json.loads((run / "metrics.json").read_text())
+    uninterrupted = json.loads((run.parent / f"slurm-{reference}" / "metrics.json").read_text())
+    differing = {k: (resumed[k], uninterrupted.get(k)) for k in resumed
+                 if k != "train/samples_per_s" and resumed[k] != pytest.approx(uninterrupted.get(k), abs=1e-6)}
+    if differing:
+        # The signal's checkpoint is mid-epoch, and the resumed epoch runs its remaining batches from a fresh shuffle
+        # (docs/resilience.md, "Exact resume"): exact at epoch boundaries, not yet mid-epoch. Exactness needs a
+        # training sampler that can skip the batches already seen (the data layer); remove this xfail with it.
+        pytest.xfail(f"mid-epoch resume after preemption is not exact yet: {differing}")
 
 
 # ---- Ray -------------------------------------------------------------------------------------------------------------
