@@ -27,11 +27,12 @@ munged --foreground --force --socket="$socket" --key-file="$key" --pid-file="$st
     --log-file="$state/log/munged.log" --seed-file="$state/munge/seed" > "$state/log/munged.out" 2>&1 &
 echo $! > "$state/munged.pid"
 
-# The pitfalls are in DESIGN.md: SlurmctldHost is this host's name; proctrack/linuxproc and task/none need no
-# cgroups or systemd; no accounting daemon.
+# The pitfalls are in DESIGN.md: SlurmctldHost is this host's name (with its address, in case the name does not
+# resolve); proctrack/linuxproc and task/none need no cgroups or systemd; no accounting daemon (so `sacct` fails
+# and submitit warns "Bypassing sacct error" while polling).
 cat > "$state/slurm.conf" <<CONF
 ClusterName=sciml-ci
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$slurmctld_port
 SlurmdPort=$slurmd_port
 SlurmUser=root
