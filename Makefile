@@ -1,4 +1,6 @@
-# sciml: `make run` trains the HEP example, `make test` runs the test suite. Both create .venv when missing.
+# sciml: `make run` trains the HEP example, `make test` runs the test suite, `make test-cluster` the tests against a
+# real one-node SLURM and Ray cluster it starts and stops (as root; installs slurm-wlm and munge when missing).
+# All create .venv when missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +8,7 @@ PY := $(VENV)/bin/python
 # 20-minute compile.
 PIP_INSTALL := $(PY) -m pip install --prefer-binary --disable-pip-version-check
 
-.PHONY: venv run test test-slow clean
+.PHONY: venv run test test-slow test-cluster clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +26,9 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+test-cluster: venv
+	.ci/cluster/test.sh $(PY)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sciml import plugins, searchpath, sweepers
+from sciml import launchers, plugins, searchpath, sweepers
 from sciml.errors import SciMLError
 
 # Hydra flags that only print information: they need no plugin.
@@ -101,6 +101,11 @@ def launch_id(default: str) -> str:
     `slurm-<SLURM_JOB_ID>` inside a SLURM job; `torchrun-<TORCHELASTIC_RUN_ID>` under torchrun with a rendezvous id
     (`--standalone` or `--rdzv-id`; plain torchrun's id is "none"); otherwise `default` (the timestamp path).
     `hydra.run.dir=DIR` always wins.
+
+    A multirun's sweep directory is computed once, by the process that launches the sweep: the resolver is cached
+    (like Hydra's `now`), and Hydra copies the cache into each job's config, which launchers pickle to the job. So
+    the jobs of a `hydra/launcher=slurm` array (each a SLURM job with its own id) or of a Ray sweep all land in the
+    sweep directory of the submitting process.
     """
     if os.environ.get("SLURM_JOB_ID"):
         return f"slurm-{os.environ['SLURM_JOB_ID']}"
@@ -108,6 +113,16 @@ def launch_id(default: str) -> str:
     if run_id and run_id != "none":
         return f"torchrun-{run_id}"
     return default
+
+
+def register_resolvers() -> None:
+    # At import as well as in main(): launchers that run jobs in other processes (Ray workers, submitit's SLURM
+    # jobs) unpickle the task function from this module and then resolve the job's config, which needs the resolver
+    # registered there too (its cached value comes with the config).
+    OmegaConf.register_new_resolver("sciml.launch_id", launch_id, replace=True, use_cache=True)
+
+
+register_resolvers()
 
 
 @hydra.main(config_path="pkg://sciml.conf", config_name="config", version_base="1.3")
@@ -138,12 +153,13 @@ def main() -> None:
 def setup(plugin_names: list[str] | None = None) -> None:
     """Everything sciml registers before Hydra composes, in one explicit call: the selected plugins' config folders
     (all installed plugins when none is selected) on the search path, the Optuna sweeper, the run-directory
-    resolver, the hybrid strategy and the Hydra-aware DDP launcher."""
+    resolver, the Ray launcher, the hybrid strategy and the Hydra-aware DDP launcher."""
     from sciml import distributed
 
     searchpath.register(plugin_names)
     sweepers.register()  # hydra/sweeper=optuna
-    OmegaConf.register_new_resolver("sciml.launch_id", launch_id, replace=True)
+    launchers.register()  # hydra/launcher=ray_jobs
+    register_resolvers()
     distributed.setup()
 
 

@@ -41,6 +41,15 @@ class SweepSummary(Callback):
             log.info("sweep summary: %s", path)
 
 
+def record_failed_job(sweep_dir: Path, job_dir: Path, job: int, overrides: list[str], error: str) -> None:
+    """Record a job that ended before its own `on_job_end` could (e.g. a Ray worker that died), and rewrite the
+    summary."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    status = {"job": job, "status": "failed", "overrides": " ".join(overrides), "error": " ".join(error.split())}
+    _write_atomic(job_dir / "job_status.json", json.dumps(status, indent=2))
+    write_summary(sweep_dir)
+
+
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for status_file in sweep_dir.glob("*/job_status.json"):

@@ -1,6 +1,6 @@
 """Launcher presets (conf/hydra/launcher): local parallel jobs that really overlap in time, the SLURM preset
 turned into the sbatch script submitit would submit (no cluster needed), and the Ray preset composed and
-instantiated (no Ray cluster is started)."""
+instantiated (no Ray cluster is started). tests/test_cluster.py runs both on a real cluster (make test-cluster)."""
 import csv
 import os
 from datetime import datetime
@@ -11,12 +11,16 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from sciml import searchpath, sweepers
+from omegaconf import OmegaConf
+
+from sciml import launchers, searchpath, sweepers
+from sciml.__main__ import register_resolvers
 
 
 def _compose(*overrides):
     searchpath.register()
     sweepers.register()
+    launchers.register()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="sciml.conf", version_base="1.3"):
         return compose("config", overrides=["+plugin=hep", *overrides], return_hydra_config=True)
@@ -79,11 +83,40 @@ def test_slurm_preset_gives_the_sbatch_script(tmp_path, fake_srun, monkeypatch):
 
 
 def test_ray_preset_composes_and_instantiates():
+    from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
+
     cfg = _compose("hydra/launcher=ray_jobs", "hydra.launcher.ray.remote.num_gpus=1")
     launcher = instantiate(cfg.hydra.launcher)  # does not start Ray; ray.init runs in launch()
-    assert type(launcher).__name__ == "RayLauncher"
-    assert cfg.hydra.launcher.ray.init.address is None
-    assert dict(cfg.hydra.launcher.ray.remote) == {"num_cpus": 1, "num_gpus": 1}
+    assert type(launcher).__name__ == "RayJobsLauncher" and isinstance(launcher, RayLauncher)
+    # null, not absent: hydra-ray-launcher would otherwise pass 75 MB, which a running cluster refuses
+    assert dict(cfg.hydra.launcher.ray.init) == {"address": None, "object_store_memory": None}
+    assert dict(cfg.hydra.launcher.ray.remote) == {"num_cpus": 1, "num_gpus": 1, "max_retries": 0}
+
+
+def test_ray_refuses_multi_node_jobs_before_launch(tmp_path):
+    result = sciml("-m", "+plugin=hep", "hydra/launcher=ray_jobs", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   "strategy=ddp", "trainer.num_nodes=2", "seed=1,2", env={"RAY_ADDRESS": "127.0.0.1:9"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[0] == (
+        "hydra/launcher=ray_jobs runs each job's ranks on one node, but job #0 has trainer.num_nodes=2: use "
+        "hydra/launcher=slurm or torchrun for multi-node jobs")
+    assert not list((tmp_path / "sweep").glob("*/")), "no job may have started"  # Hydra's multirun.yaml only
+
+
+def test_sweep_directory_is_computed_once_by_the_submitting_process(monkeypatch):
+    """Each job of a SLURM array has its own SLURM_JOB_ID. The job's config (Hydra's load_sweep_config copies the
+    resolver cache of the submitting process's config, which the launcher pickles to the job) keeps the sweep
+    directory the submitting process computed."""
+    register_resolvers()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "100")  # the submitting process, itself in a SLURM job
+    submitting = OmegaConf.create({"dir": "multirun/hep/${sciml.launch_id:2026-01-01/10-00-00}"})
+    assert submitting.dir == "multirun/hep/slurm-100"
+    monkeypatch.setenv("SLURM_JOB_ID", "101")  # array task 0
+    job = OmegaConf.create({"dir": "multirun/hep/${sciml.launch_id:2026-01-01/10-00-00}"})
+    OmegaConf.copy_cache(from_config=submitting, to_config=job)
+    assert job.dir == "multirun/hep/slurm-100"
+    assert OmegaConf.create({"dir": "${sciml.launch_id:x}"}).dir == "slurm-101"  # a run of its own: its job id
 
 
 def test_search_experiment_composes_with_a_cluster_launcher():

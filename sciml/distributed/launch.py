@@ -48,22 +48,46 @@ _CHILD_EXIT_TIMEOUT_S = 120.0  # after a successful job: the children only exit
 _FAILED_JOB_GRACE_S = 10.0
 
 _observers: list[_JobObserver] = []  # watchdogs of the current job's children
+# The command that starts the application, when this process's own `sys.argv` is not it: a job that runs in a Ray
+# worker has Ray's worker script as `__main__`. Set by the launcher that runs the job (sciml.launchers.ray_jobs).
+_app_command: list[str] | None = None
+
+
+def app_command() -> list[str]:
+    """The interpreter, the application (`-m module` or script) and the config flags of this process's command line,
+    without the overrides: what a child rank of a job runs."""
+    import __main__
+
+    from hydra.utils import to_absolute_path
+
+    if _app_command is not None:
+        return list(_app_command)
+    if __main__.__spec__ is None:  # started as `python script.py`
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    return command + _config_flags(sys.argv[1:])
+
+
+@contextmanager
+def app_command_set(command: Sequence[str]) -> Iterator[None]:
+    """Child ranks started inside this block run `command` (see `app_command`)."""
+    global _app_command
+    saved, _app_command = _app_command, list(command)
+    try:
+        yield
+    finally:
+        _app_command = saved
 
 
 def hydra_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
     """The command and working directory of local rank `local_rank` of the running Hydra job (replaces Lightning's
     `_hydra_subprocess_cmd`, same signature)."""
-    import __main__
-
     from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_original_cwd, to_absolute_path
+    from hydra.utils import get_original_cwd
 
     hydra_cfg = HydraConfig.get()
-    if __main__.__spec__ is None:  # started as `python script.py`
-        command = [sys.executable, to_absolute_path(sys.argv[0])]
-    else:
-        command = [sys.executable, "-m", __main__.__spec__.name]
-    command += _config_flags(sys.argv[1:])
+    command = app_command()
     command += [o for o in hydra_cfg.overrides.hydra if not _override_key(o).startswith(_NOT_FORWARDED)]
     command += list(hydra_cfg.overrides.task)
     node = int(os.environ.get("NODE_RANK", 0))
