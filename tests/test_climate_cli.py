@@ -191,7 +191,7 @@ def test_two_ranks_score_and_predict_like_one(trained_run, one_process_test, dat
         predicted += [offset + int(np.flatnonzero(times[name] == v)[0]) for v in t]
     assert sorted(predicted) == dm.split_rows["test"].tolist() and len(predicted) == len(set(predicted))
     log = (out / "climate_rank1.log").read_text()
-    assert "data (rank 1 of 2): train 7, val 1, test 1" in log and "1 rows of 2 file(s) held in memory" in log
+    assert "data (rank 1 of 2): train 7, val 1, test 1" in log and "1 rows of 2 file(s): held in memory" in log
 
 
 def test_semi_supervised_run(data_dir, tmp_path):
