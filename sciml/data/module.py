@@ -286,13 +286,16 @@ class DataModule(pl.LightningDataModule):
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self):
-        state = {} if self.normalizer is None else {k: v.cpu() for k, v in self.normalizer.state_dict().items()}
+        state = (self._normalizer_state or {}) if self.normalizer is None else \
+            {k: v.cpu() for k, v in self.normalizer.state_dict().items()}
         return {"normalize": str(self.normalize), "normalizer": state}
 
     def load_state_dict(self, state_dict):
         self._normalizer_state = state_dict.get("normalizer") or None
-        if self.normalizer is not None and self._normalizer_state:
-            self.normalizer.load_state_dict(self._normalizer_state)
+        if self._normalizer_state:
+            # rebuilt from the state when next used: a normaliser built during test (under Lightning's inference
+            # mode) holds inference tensors, which a later in-place load (predict restoring the checkpoint) refuses
+            self.normalizer = None
 
     # -- predictions --------------------------------------------------------------------------------------------
     def write_predictions(self, parts: list[Path], directory: Path) -> list[Path]:
