@@ -8,7 +8,7 @@ from omegaconf import open_dict
 
 from sciml import plugins, searchpath
 from sciml.optim.factory import build_optimizer, build_scheduler
-from sciml.run import _strategy
+from sciml.run import _strategy, hand_shapes_to_model
 
 
 def _compose(tmp_path, *overrides):
@@ -27,6 +27,7 @@ def _compose(tmp_path, *overrides):
 @pytest.mark.parametrize("scheduler", ["none", "cosine", "warmup_poly"])
 def test_optimizer_and_scheduler_options(tmp_path, plugin, optimizer, scheduler):
     cfg = _compose(tmp_path, f"+plugin={plugin}", f"optimizer={optimizer}", f"scheduler={scheduler}")
+    hand_shapes_to_model(cfg, instantiate(cfg.data))  # the data's shape (embedded sample) -> model.input_shape
     model = instantiate(cfg.model)
     opt = build_optimizer(cfg.optimizer, model, global_batch=512)
     assert type(opt).__name__ == {"sgd": "SGD", "adamw": "AdamW", "lars": "LARS", "lamb": "LAMB"}[optimizer]
@@ -42,7 +43,7 @@ def test_trainer_callbacks_loggers_instantiate(tmp_path, logger):
     assert trainer.default_root_dir == str(tmp_path)
     assert len(trainer.checkpoint_callbacks) == 2
     assert len(trainer.loggers) == (2 if "," in logger else 1)
-    assert cfg.objective == "test/auc" and cfg.monitor == "val/auc"
+    assert cfg.objective == "val/auc_best" and cfg.monitor == "val/auc"
 
 
 def test_plugin_is_not_in_the_defaults_list(tmp_path):
