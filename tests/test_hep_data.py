@@ -13,7 +13,8 @@ from sciml_plugins.hep.reader import DEFAULT_FILE, CaloImages, read_rows
 
 
 def _module(path, **kwargs):
-    return DataModule(reader=CaloImages, path=None if path is None else str(path), batch_size=32, normalize="max",
+    path = path if path is None or isinstance(path, list) else str(path)
+    return DataModule(reader=CaloImages, path=path, batch_size=32, normalize="max",
                       **kwargs)
 
 
@@ -135,6 +136,13 @@ def test_scores_file(tmp_path, h5_file):
         np.testing.assert_array_equal(h5["row"][...], rows)
         np.testing.assert_array_equal(h5["label"][...], [0, 1, 1])
         assert h5.attrs["source"] == str(h5_file.resolve())
+    # another input of the same name, in another folder, does not overwrite it
+    (tmp_path / "b").mkdir()
+    twin = write_h5(tmp_path / "b" / "images.h5", n=16)
+    dm = _module([str(h5_file), str(twin)])
+    dm.prepare("test")
+    names = [dm.reader.write(info, rows, outputs, tmp_path)[0].name for info in dm.store.infos]
+    assert names == ["images_scores.h5", "b_images_scores.h5"]
 
 
 def test_embedded_default_file_is_valid():

@@ -87,8 +87,11 @@ class H5Events(Reader):
                                  f"'{self.inputs}'")
         return FileInfo(path, len(inputs), tuple(inputs.shape[1:]), labels=labels, meta={"weights": weights})
 
+    def input_layout(self) -> str:
+        return f"'{self.inputs}'"
+
     def layout(self) -> str:
-        return f"expected '{self.inputs}', optionally 'label' (N)" + (
+        return f"expected {self.input_layout()}, optionally 'label' (N)" + (
             f" and '{self.weight_key}' (N)" if self.weight_key else "")
 
     def read(self, info, rows):
@@ -112,6 +115,9 @@ class H5Events(Reader):
         """`<stem>_scores.h5`: `score` = P(signal), `probabilities` (all classes), `label` and `weight` when the
         input has them, `row` = each event's row in the input file (attribute `source`)."""
         target = directory / f"{info.path.stem}_scores.h5"
+        sources = self.__dict__.setdefault("_written", {})
+        if sources.setdefault(target.name, info.path) != info.path:  # a/x.h5 and b/x.h5: keep both
+            target = directory / f"{info.path.parent.name}_{target.name}"
         tmp = directory / f".{target.name}.tmp"
         probabilities = np.asarray(outputs["score"], dtype=np.float32)
         with h5py.File(tmp, "w") as h5:
@@ -137,8 +143,8 @@ class CaloImages(H5Events):
 
     channels: int | None = None
 
-    def layout(self) -> str:
-        return super().layout().replace(f"'{self.inputs}'", f"'{self.inputs}' (N, {self.channels or 'C'}, H, W)")
+    def input_layout(self) -> str:
+        return f"'{self.inputs}' (N, {self.channels or 'C'}, H, W)"
 
     def check_inputs(self, dataset, path):
         if dataset.ndim != 4 or not np.issubdtype(dataset.dtype, np.number):
