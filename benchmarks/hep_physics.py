@@ -66,7 +66,7 @@ def main(argv=None):
     cnn_seconds = float(timing.read_text())
     cnn_metrics = json.loads((args.run_dir / "metrics.json").read_text())
 
-    with h5py.File(args.run_dir / "predictions" / "test_scores.h5") as h5:
+    with h5py.File(args.run_dir / "predictions" / f"{args.data.stem}_scores.h5") as h5:
         test_rows, cnn_scores = h5["row"][...], h5["score"][...]
     with h5py.File(args.data) as h5:
         labels, weights = h5["label"][...], h5["normweight"][...]

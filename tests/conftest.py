@@ -73,6 +73,6 @@ def sciml(*args: str, cwd: Path | None = None, env: dict | None = None, timeout:
 
 
 # Overrides that make a CLI run take seconds: tiny synthetic images, a small network, no progress bar.
-FAST = ["model.image_size=16", "model.widths=[8,8]", "model.hidden=16", "model.dropout=0",
+FAST = ["model.widths=[8,8]", "model.hidden=16", "model.dropout=0",
         "optimizer.lr=0.005",
         "data.batch_size=32", "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]

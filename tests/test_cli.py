@@ -41,7 +41,7 @@ def test_run_directory_contract(trained_run):
     assert len(best) == 1
     for plot in ("roc.png", "training_curves.png"):
         assert (trained_run / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
-    with h5py.File(trained_run / "predictions" / "test_scores.h5") as h5:
+    with h5py.File(trained_run / "predictions" / "images_scores.h5") as h5:  # <input stem>_scores.h5
         scores, labels = h5["score"][...], h5["label"][...]
         assert len(scores) == len(labels) == round(0.15 * 384)
         assert ((0 <= scores) & (scores <= 1)).all()
@@ -50,8 +50,10 @@ def test_run_directory_contract(trained_run):
 
 def test_checkpoint_keeps_channel_normalisation(trained_run):
     ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
-    state = ckpt["HEPDataModule"]
-    assert len(state["channel_max"]) == 3 and min(state["channel_max"]) > 0
+    state = ckpt["DataModule"]
+    assert state["normalize"] == "max"
+    maximum = state["normalizer"]["maximum"]
+    assert len(maximum) == 3 and float(maximum.min()) > 0
 
 
 def test_test_only_run_on_a_new_file(trained_run, tmp_path):
@@ -62,7 +64,7 @@ def test_test_only_run_on_a_new_file(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test/auc"] > 0.9 and not any(k.startswith("train/") for k in metrics)
-    with h5py.File(out / "predictions" / "test_scores.h5") as h5:
+    with h5py.File(out / "predictions" / "unseen_scores.h5") as h5:
         assert len(h5["score"]) == 96
 
 
@@ -76,7 +78,7 @@ def test_interrupted_run_resumes_in_place(tmp_path, data_file):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from" in second.stdout + second.stderr
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert last["epoch"] == 2 and last["global_step"] == 3 * 9  # 3 epochs of ceil(269 / 32) batches
+    assert last["epoch"] == 2 and last["global_step"] == 3 * 9  # 3 epochs of ceil(268 / 32) batches
     with open(run_dir / "logs" / "metrics.csv") as f:
         epochs = {row["epoch"] for row in csv.DictReader(f) if row.get("val/loss")}
     assert epochs == {"0", "1", "2"}, "the resumed run's log continues the first run's"
@@ -120,7 +122,8 @@ def test_bad_data_errors_name_the_file(tmp_path):
     _one_line_error(sciml("+plugin=hep", f"data.path={corrupt}", f"hydra.run.dir={tmp_path / 'b'}", *FAST),
                     str(corrupt), "not a readable HDF5 file")
     wrong = write_h5(tmp_path / "two_channels.h5", n=16, channels=2)
-    _one_line_error(sciml("+plugin=hep", f"data.path={wrong}", f"hydra.run.dir={tmp_path / 'c'}", *FAST),
+    _one_line_error(sciml("+plugin=hep", f"data.path={wrong}", f"hydra.run.dir={tmp_path / 'c'}", *FAST,
+                          "data.channels=3"),
                     str(wrong), "2 channels, expected 3")
 
 
@@ -142,5 +145,5 @@ def test_multirun_summary_reports_every_job(tmp_path, data_file):
     with open(sweep / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["completed", "failed"]
-    assert float(rows[0]["test/auc"]) > 0 and "data.batch_size must be >= 1" in rows[1]["error"]
+    assert float(rows[0]["test/auc"]) > 0 and "data.batch_size=0" in rows[1]["error"]
     assert "| 1 | failed |" in (sweep / "summary.md").read_text()

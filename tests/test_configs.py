@@ -43,7 +43,7 @@ def test_trainer_callbacks_loggers_instantiate(tmp_path, logger):
     assert trainer.default_root_dir == str(tmp_path)
     assert len(trainer.checkpoint_callbacks) == 2
     assert len(trainer.loggers) == (2 if "," in logger else 1)
-    assert cfg.objective == "test/auc" and cfg.monitor == "val/auc"
+    assert cfg.objective == "val/auc_best" and cfg.monitor == "val/auc"
 
 
 def test_plugin_is_not_in_the_defaults_list(tmp_path):

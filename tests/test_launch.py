@@ -25,8 +25,9 @@ from sciml.__main__ import launch_id
 from sciml.distributed import CROSS_KEY, INTRA_KEY
 from sciml.distributed.launch import hydra_subprocess_cmd
 from sciml.errors import SciMLError
-from sciml_plugins.hep.data import HEPDataModule, shard
+from sciml.data import DataModule, shard
 from sciml_plugins.hep.model import KurthCNN
+from sciml_plugins.hep.reader import CaloImages
 
 pytestmark = pytest.mark.timeout(240)  # a hung collective must fail the test, not the CI job
 
@@ -39,24 +40,28 @@ def _ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def _single_process_module(path) -> HEPDataModule:
-    dm = HEPDataModule(path=str(path), batch_size=32)
+def _hep_module(path) -> DataModule:
+    return DataModule(reader=CaloImages, path=str(path), batch_size=32, normalize="max")
+
+
+def _single_process_module(path) -> DataModule:
+    dm = _hep_module(path)
     dm.setup("fit")
     return dm
 
 
 def _param_bytes() -> int:
     """Bytes of the trainable parameters of the FAST network."""
-    model = KurthCNN(image_size=16, widths=(8, 8), hidden=16, dropout=0)
+    model = KurthCNN((3, 16, 16), widths=(8, 8), hidden=16, dropout=0)
     assert not [b for b in model.buffers() if b.is_floating_point()]  # nothing else is averaged by hybrid
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _check_predictions(run_dir: Path, data_file: Path) -> None:
     """Every test row exactly once, with the scores written for it."""
-    with h5py.File(run_dir / "predictions" / "test_scores.h5") as h5:
+    with h5py.File(run_dir / "predictions" / f"{data_file.stem}_scores.h5") as h5:
         rows, scores = h5["row"][...], h5["score"][...]
-    np.testing.assert_array_equal(rows, _single_process_module(data_file).splits["test"].index)
+    np.testing.assert_array_equal(rows, _single_process_module(data_file).rows["test"])
     assert len(rows) == TEST_ROWS and ((0 <= scores) & (scores <= 1)).all()
 
 
@@ -85,7 +90,7 @@ def test_ddp_run_fills_its_run_directory(ddp_run, data_file):
     assert (ddp_run / "checkpoints" / "last.ckpt").is_file() and (ddp_run / "plots" / "roc.png").is_file()
     _check_predictions(ddp_run, data_file)
     # rank 1 ran in the same directory, on its own shard, and wrote no .hydra/ of its own
-    assert "HEP data (rank 1 of 2): train 128, val 27, test 27" in (ddp_run / "hep_rank1.log").read_text()
+    assert "data (rank 1 of 2): train 128, val 27, test 27" in (ddp_run / "hep_rank1.log").read_text()
     # (.lock is rank 0's hold on the run directory, sciml.rundir)
     assert sorted(p.name for p in ddp_run.iterdir() if p.name.startswith(".")) == [".hydra", ".lock"]
 
@@ -93,8 +98,8 @@ def test_ddp_run_fills_its_run_directory(ddp_run, data_file):
 def test_ddp_channel_maxima_are_those_of_the_whole_training_split(ddp_run, data_file):
     """Each rank scanned only its rows; the all-reduced maxima equal a single process's."""
     checkpoint = torch.load(ddp_run / "checkpoints" / "last.ckpt", weights_only=False)
-    np.testing.assert_array_equal(np.float32(checkpoint["HEPDataModule"]["channel_max"]),
-                                  _single_process_module(data_file).channel_max.numpy())
+    np.testing.assert_array_equal(checkpoint["DataModule"]["normalizer"]["maximum"].numpy(),
+                                  _single_process_module(data_file).normalizer.maximum.numpy())
 
 
 def test_ddp_multirun_runs_each_job_once(tmp_path, data_file):
@@ -114,16 +119,17 @@ def test_ddp_multirun_runs_each_job_once(tmp_path, data_file):
     assert len(list(tmp_path.rglob("metrics.json"))) == 2
     for job, lr in (("0", 0.001), ("1", 0.002)):
         assert OmegaConf.load(sweep / job / "config.yaml").optimizer.lr == lr
-        assert "HEP data (rank 1 of 2)" in (sweep / job / "hep_rank1.log").read_text()
+        assert "data (rank 1 of 2)" in (sweep / job / "hep_rank1.log").read_text()
     summary = (sweep / "summary.csv").read_text().splitlines()
     assert len(summary) == 3 and all(",completed," in line for line in summary[1:])
 
 
 @pytest.mark.slow
 def test_failed_ddp_job_does_not_stop_the_sweep(tmp_path, data_file):
-    """Job 0 fails on every rank after the ranks were launched (the network does not fit the images). Lightning's
+    """Job 0 fails on every rank after the ranks were launched (its optimizer is built inside fit). Lightning's
     watchdog would kill the sweep process when the failed child exits; the job-scoped watchdog lets job 1 run."""
-    result = sciml("-m", "+plugin=hep", f"data.path={data_file}", *DDP, "model.image_size=40,16", cwd=tmp_path)
+    result = sciml("-m", "+plugin=hep", f"data.path={data_file}", *DDP, "optimizer.weight_decay=-1,0.01",
+                   cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]  # a multirun with a failed job exits non-zero
     summary = next(tmp_path.glob("multirun/hep/*/*/summary.csv")).read_text().splitlines()
     assert ",failed," in summary[1] and ",completed," in summary[2]
@@ -225,7 +231,7 @@ class _FakeStrategy:
 
 
 def _rank_module(path, rank, world=2, use_distributed_sampler=False):
-    dm = HEPDataModule(path=str(path), batch_size=32)
+    dm = _hep_module(path)
     dm.trainer = types.SimpleNamespace(
         world_size=world, global_rank=rank, strategy=_FakeStrategy(),
         _accelerator_connector=types.SimpleNamespace(use_distributed_sampler=use_distributed_sampler))
@@ -246,25 +252,25 @@ def test_two_ranks_get_disjoint_equal_shards_of_the_file(tmp_path):
     whole = _single_process_module(path)
     ranks = [_rank_module(path, rank) for rank in (0, 1)]
     for split in ("train", "val"):  # equal shards, disjoint, all rows but one
-        parts = [dm.splits[split].index for dm in ranks]
-        assert len(parts[0]) == len(parts[1]) == len(whole.splits[split]) // 2
+        parts = [dm.rows[split] for dm in ranks]
+        assert len(parts[0]) == len(parts[1]) == len(whole.rows[split]) // 2
         assert not set(parts[0]) & set(parts[1])
-        assert set(parts[0]) | set(parts[1]) <= set(whole.splits[split].index)
-    test = [dm.splits["test"].index for dm in ranks]  # every test row exactly once
-    assert sorted(np.concatenate(test).tolist()) == whole.splits["test"].index.tolist()
+        assert set(parts[0]) | set(parts[1]) <= set(whole.rows[split])
+    test = [dm.rows["test"] for dm in ranks]  # every test row exactly once
+    assert sorted(np.concatenate(test).tolist()) == whole.rows["test"].tolist()
     with h5py.File(path) as h5:
         data = h5["data"][...]
     for rank, dm in enumerate(ranks):  # only this rank's rows were read into memory
-        mine = [shard(whole.splits["train"].index, rank, 2, equal=False), dm.splits["val"].index, test[rank]]
-        np.testing.assert_array_equal(dm._source._rows, np.sort(np.concatenate(mine)))
-        np.testing.assert_array_equal(dm._source._arrays["x"], data[dm._source._rows])
+        mine = [shard(whole.rows["train"], rank, 2, equal=False), dm.rows["val"], test[rank]]
+        np.testing.assert_array_equal(dm.store._rows, np.sort(np.concatenate(mine)))
+        np.testing.assert_array_equal(dm.store._memory["x"], data[dm.store._rows])
         batch = next(iter(dm.train_dataloader()))
         np.testing.assert_array_equal(batch["x"].numpy(), data[batch["index"].numpy()])
     # the maxima: each rank reduces its local ones with "max"; together they are the whole split's
     reduced = [dm.trainer.strategy.reduced for dm in ranks]
     assert all(len(r) == 1 and r[0][1] == "max" for r in reduced)
-    np.testing.assert_array_equal(torch.maximum(reduced[0][0][0], reduced[1][0][0]).numpy(),
-                                  whole.channel_max.numpy())
+    np.testing.assert_array_equal(torch.maximum(reduced[0][0][0], reduced[1][0][0]).float().numpy(),
+                                  whole.normalizer.maximum.numpy())
 
 
 def test_sharding_refuses_lightnings_sampler_on_top(tmp_path):

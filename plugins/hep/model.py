@@ -15,8 +15,8 @@ _POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 class KurthCNN(nn.Module):
     """
     Args:
-        in_channels: image channels (3: EM energy, hadronic energy, track multiplicity).
-        image_size: height = width of the input images.
+        input_shape: (C, H, W) of one image, handed over from the data (3 channels in the embedded sample: EM
+            energy, hadronic energy, track multiplicity).
         widths: filters of each conv unit; its length is the depth.
         kernel_size: odd conv kernel size, or one per unit ("same" padding keeps the pooling arithmetic simple).
         hidden: width of the fully connected layer (0: none).
@@ -26,7 +26,7 @@ class KurthCNN(nn.Module):
         batch_norm: batch norm after each conv (the reference has none).
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 40, widths: Sequence[int] = (64, 128, 128),
+    def __init__(self, input_shape: Sequence[int], widths: Sequence[int] = (64, 128, 128),
                  kernel_size: int | Sequence[int] = 3, hidden: int = 128, dropout: float = 0.5,
                  num_classes: int = 2, pool: str = "max", batch_norm: bool = False):
         super().__init__()
@@ -40,18 +40,21 @@ class KurthCNN(nn.Module):
             raise ValueError(f"model.kernel_size must be odd, got {kernel_size}")
         if pool not in _POOLS:
             raise ValueError(f"model.pool must be one of {', '.join(_POOLS)}, got '{pool}'")
-        if image_size // 2 ** len(widths) < 1:
-            raise ValueError(f"model.widths: {len(widths)} pooling units shrink a {image_size}x{image_size} "
+        if len(input_shape) != 3:
+            raise ValueError(f"model.input_shape must be (channels, height, width), got {list(input_shape)}")
+        channels, height, width = (int(n) for n in input_shape)
+        if min(height, width) // 2 ** len(widths) < 1:
+            raise ValueError(f"model.widths: {len(widths)} pooling units shrink a {height}x{width} "
                              "image below one pixel")
-        units, channels = [], in_channels
-        for width, kernel in zip(widths, kernels):
-            units.append(nn.Conv2d(channels, width, kernel, padding=kernel // 2, bias=not batch_norm))
+        units = []
+        for filters, kernel in zip(widths, kernels):
+            units.append(nn.Conv2d(channels, filters, kernel, padding=kernel // 2, bias=not batch_norm))
             if batch_norm:
-                units.append(nn.BatchNorm2d(width))
+                units.append(nn.BatchNorm2d(filters))
             units += [nn.ReLU(inplace=True), _POOLS[pool](2)]
-            channels = width
+            channels = filters
         self.features = nn.Sequential(*units)
-        flat = channels * (image_size // 2 ** len(widths)) ** 2
+        flat = channels * (height // 2 ** len(widths)) * (width // 2 ** len(widths))
         head = [nn.Flatten(), nn.Dropout(dropout)]
         if hidden:
             head += [nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
