@@ -77,8 +77,7 @@ def run(cfg: DictConfig) -> float | None:
         callbacks.append(PredictionWriter(out / "predictions"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     # sciml's datamodules give each rank its own shard: Lightning's DistributedSampler would shard the shards.
-    sharded = isinstance(datamodule, DataModule) or getattr(datamodule, "shards_by_rank", False)
-    sampler = {"use_distributed_sampler": False} if sharded else {}
+    sampler = {"use_distributed_sampler": False} if isinstance(datamodule, DataModule) else {}
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                       strategy=_strategy(cfg.strategy), plugins=[rundir.checkpoint_io()], **sampler)
     with launch.job_scope(trainer):  # ends this job's DDP processes and process group (multirun: before the next)

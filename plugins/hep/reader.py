@@ -85,7 +85,8 @@ class H5Events(Reader):
             if h5[key].shape != (len(inputs),):
                 raise SciMLError(f"{path}: '{key}' has shape {h5[key].shape}, expected ({len(inputs)},) to match "
                                  f"'{self.inputs}'")
-        return FileInfo(path, len(inputs), tuple(inputs.shape[1:]), labels=labels, meta={"weights": weights})
+        meta = {"weights": weights, "chunk_rows": inputs.chunks[0] if inputs.chunks else None}  # streaming reads chunks
+        return FileInfo(path, len(inputs), tuple(inputs.shape[1:]), labels=labels, meta=meta)
 
     def input_layout(self) -> str:
         return f"'{self.inputs}'"

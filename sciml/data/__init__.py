@@ -2,7 +2,6 @@
 rest (files, splits, shards, memory, statistics, loaders, streamed predictions). See docs/writing-a-plugin.md."""
 from sciml.data.datasets import Rows, TensorDictDataset, as_tensors, keep_batch
 from sciml.data.files import find_files
-from sciml.data.legacy import SplitDataModule
 from sciml.data.module import DataModule
 from sciml.data.normalize import Identity, MaxScale, Normalizer, Standardize
 from sciml.data.predictions import PredictionWriter
@@ -12,5 +11,5 @@ from sciml.data.splits import shard, split
 from sciml.data.store import RowStore
 
 __all__ = ["DataModule", "EpochShuffle", "FileInfo", "Identity", "MaxScale", "Normalizer", "PredictionWriter",
-           "Reader", "RowStore", "Rows", "SplitDataModule", "Standardize", "TensorDictDataset", "as_tensors", "find_files", "keep_batch",
+           "Reader", "RowStore", "Rows", "Standardize", "TensorDictDataset", "as_tensors", "find_files", "keep_batch",
            "shard", "split"]
