@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import signal as signal_module
 import time
 
 import pytorch_lightning as pl
@@ -36,3 +37,15 @@ class Fail(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         raise RuntimeError("injected failure for the error.log test")
+
+
+class SignalAt(pl.Callback):
+    """Send `signal` to this process at the start of training batch `batch` of epoch `epoch`: a preemption that
+    lands mid-epoch (the run stops at the next step with a checkpoint)."""
+
+    def __init__(self, epoch: int, batch: int, signal: str = "SIGTERM"):
+        self.epoch, self.batch, self.signal = epoch, batch, getattr(signal_module, signal)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), self.signal)

@@ -170,13 +170,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
 
     resumed = json.loads((run / "metrics.json").read_text())
     uninterrupted = json.loads((run.parent / f"slurm-{reference}" / "metrics.json").read_text())
+    # The signal's checkpoint is mid-epoch: the resumed epoch trains its remaining batches in the uninterrupted
+    # order (sciml.data.sampler.EpochLoader), so the metrics are those of the uninterrupted job.
     differing = {k: (resumed[k], uninterrupted.get(k)) for k in resumed
                  if k != "train/samples_per_s" and resumed[k] != pytest.approx(uninterrupted.get(k), abs=1e-6)}
-    if differing:
-        # The signal's checkpoint is mid-epoch, and the resumed epoch runs its remaining batches from a fresh shuffle
-        # (docs/resilience.md, "Exact resume"): exact at epoch boundaries, not yet mid-epoch. Exactness needs a
-        # training sampler that can skip the batches already seen (the data layer); remove this xfail with it.
-        pytest.xfail(f"mid-epoch resume after preemption is not exact yet: {differing}")
+    assert not differing, differing
 
 
 # ---- Ray -------------------------------------------------------------------------------------------------------------

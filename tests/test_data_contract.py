@@ -185,7 +185,7 @@ def test_datamodule_splits_by_group_and_fits_statistics_on_training_rows(tmp_pat
     first_epoch = torch.cat([b["index"] for b in batches])
     again = torch.cat([b["index"] for b in dm.train_dataloader()])
     assert torch.equal(first_epoch, again), "the order is a function of (seed, epoch)"
-    dm._epoch = lambda: 1  # the loader asks the trainer for the epoch when an epoch starts
+    dm._position = lambda: (1, 0)  # the loader asks for the epoch when an epoch starts
     assert not torch.equal(torch.cat([b["index"] for b in dm.train_dataloader()]), first_epoch)
     state = dm.state_dict()
     fresh = DataModule(reader=Npz, test_path=str(path), normalize="standard")
@@ -230,7 +230,7 @@ def test_streaming_reads_whole_chunks_and_visits_every_training_row_once_per_epo
     assert torch.allclose(streamed.normalizer.mean, held.normalizer.mean)
     epochs = []
     for epoch in (0, 1, 0):
-        streamed._epoch = lambda e=epoch: e
+        streamed._position = lambda e=epoch: (e, 0)
         batches = list(streamed.train_dataloader())
         index = torch.cat([b["index"] for b in batches]).numpy()
         assert np.array_equal(np.sort(index), np.sort(streamed.rows["train"])), "every row once per epoch"

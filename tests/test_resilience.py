@@ -135,6 +135,28 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path, data_file)
     assert _val_epochs(killed_dir) == [0, 1, 2, 3, 4], "the killed epoch's rows are replaced, earlier ones kept"
 
 
+def test_a_run_preempted_mid_epoch_resumes_to_the_same_metrics(tmp_path, data_file):
+    """SIGTERM in the middle of epoch 2 of 4 saves a mid-epoch checkpoint; the rerun trains only that epoch's
+    remaining batches, in the uninterrupted order (EpochLoader skips the done ones), and ends with equal metrics."""
+    args = ["trainer.max_epochs=4"]
+    whole = sciml(*_args(data_file, tmp_path / "whole", *args))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped_dir = tmp_path / "stopped"
+    stop = ["+callbacks.stop._target_=resilience_helpers.SignalAt", "+callbacks.stop.epoch=1",
+            "+callbacks.stop.batch=4"]
+    stopped = sciml(*_args(data_file, stopped_dir, *args, *stop), env=_env())
+    assert stopped.returncode == 143, stopped.stdout[-3000:]
+    saved = torch.load(stopped_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 9 < saved["global_step"] < 18, "saved in the middle of the second epoch"
+    rerun = sciml(*_args(data_file, stopped_dir, *args))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((stopped_dir / "metrics.json").read_text())
+    for key in expected.keys() - {"train/samples_per_s"}:
+        assert resumed[key] == pytest.approx(expected[key], abs=1e-6, rel=0), key
+    assert torch.load(stopped_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 36
+
+
 # ------------------------------------------------------------------------------------------------------- full disk
 
 class _FullDisk:

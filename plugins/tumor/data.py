@@ -14,9 +14,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from sciml.data import DataModule, EpochShuffle, TensorDictDataset, keep_batch
+from sciml.data import DataModule, EpochLoader, EpochShuffle, TensorDictDataset, keep_batch
 from sciml.errors import SciMLError
 
 
@@ -28,9 +27,9 @@ class TumourSampler(EpochShuffle):
         super().__init__(n, seed)
         self.p, self.rank = np.asarray(weights, dtype=np.float64) / np.sum(weights), rank
 
-    def __iter__(self):
+    def order(self) -> list[int]:
         rng = np.random.default_rng([self.seed, self.rank, self.epoch])
-        return iter(rng.choice(len(self.p), size=self.n, p=self.p).tolist())
+        return rng.choice(len(self.p), size=self.n, p=self.p).tolist()
 
 
 class BraTSDataModule(DataModule):
@@ -106,8 +105,9 @@ class BraTSDataModule(DataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = TumourSampler(weights, max(1, self.samples_per_epoch // world), self.seed, rank)
-        return DataLoader(slices, batch_size=self.batch_size, sampler=sampler, collate_fn=keep_batch,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return EpochLoader(slices, batch_size=self.batch_size, sampler=sampler, collate_fn=keep_batch,
+                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                           position=self._position)
 
     # -- augmentation, on the device, one batch at a time ----------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx):

@@ -6,10 +6,10 @@ from sciml.data.module import DataModule
 from sciml.data.normalize import Identity, MaxScale, Normalizer, Standardize
 from sciml.data.predictions import PredictionWriter
 from sciml.data.reader import FileInfo, Reader
-from sciml.data.sampler import EpochShuffle
+from sciml.data.sampler import EpochLoader, EpochShuffle
 from sciml.data.splits import shard, split
 from sciml.data.store import RowStore
 
-__all__ = ["DataModule", "EpochShuffle", "FileInfo", "Identity", "MaxScale", "Normalizer", "PredictionWriter",
+__all__ = ["DataModule", "EpochLoader", "EpochShuffle", "FileInfo", "Identity", "MaxScale", "Normalizer", "PredictionWriter",
            "Reader", "RowStore", "Rows", "Standardize", "TensorDictDataset", "as_tensors", "find_files", "keep_batch",
            "shard", "split"]

@@ -103,6 +103,7 @@ class DataModule(pl.LightningDataModule):
         self.train_rows = np.zeros(0, dtype=np.int64)  # this rank's share of every training row (see setup)
         self.normalizer: Normalizer | None = None
         self._normalizer_state: dict | None = None
+        self._resume_at: tuple[int, int] | None = None
 
     @classmethod
     def config_parameters(cls, node: Mapping) -> dict[str, inspect.Parameter]:
@@ -316,8 +317,13 @@ class DataModule(pl.LightningDataModule):
             return 1
         return self.eval_batch_size or self.batch_size
 
-    def _epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
+    def _position(self) -> tuple[int, int]:
+        """(epoch, training batches of it already done) for the iterator being created: once after a restore, where
+        the checkpoint was saved; otherwise the trainer's epoch from its start."""
+        if self._resume_at is not None:
+            position, self._resume_at = self._resume_at, None
+            return position
+        return (self.trainer.current_epoch if self.trainer is not None else 0), 0
 
     def train_dataloader(self):
         if self.streamed:
@@ -326,11 +332,12 @@ class DataModule(pl.LightningDataModule):
             stream = ChunkStream(self.store, self._train_chunks, self.batch_size, buffer, self.seed)
             # workers re-created each epoch: they take the epoch's order with them
             return EpochLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=worker_init,
-                               pin_memory=self._pin_memory(), epoch=self._epoch)
+                               pin_memory=self._pin_memory(), position=self._position)
         dataset = self.train_dataset(self.rows["train"])
         return EpochLoader(dataset, batch_size=self.batch_size, sampler=EpochShuffle(len(dataset), self.seed),
                            collate_fn=keep_batch, num_workers=self.num_workers,
-                           persistent_workers=self.num_workers > 0, pin_memory=self._pin_memory(), epoch=self._epoch)
+                           persistent_workers=self.num_workers > 0, pin_memory=self._pin_memory(),
+                           position=self._position)
 
     def val_dataloader(self):
         return self._loader(Rows(self.store, self.rows["val"]), self._eval_batch_size(self.store))
@@ -356,9 +363,14 @@ class DataModule(pl.LightningDataModule):
     def state_dict(self):
         state = (self._normalizer_state or {}) if self.normalizer is None else \
             {k: v.cpu() for k, v in self.normalizer.state_dict().items()}
-        return {"normalize": str(self.normalize), "normalizer": state}
+        trainer = self.trainer
+        position = [trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed] \
+            if trainer is not None and trainer.state.fn == "fit" else None
+        return {"normalize": str(self.normalize), "normalizer": state, "position": position}
 
     def load_state_dict(self, state_dict):
+        if state_dict.get("position") is not None and self.trainer is not None and self.trainer.state.fn == "fit":
+            self._resume_at = tuple(state_dict["position"])  # where the training order resumes (EpochLoader)
         self._normalizer_state = state_dict.get("normalizer") or None
         if self.normalizer is not None:
             self._ensure_normalizer()
