@@ -72,6 +72,7 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
+    _DROPPED.clear()
     checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)  # the best-model one
     fit_metrics: dict[str, float] = {}
     if cfg.train:
@@ -99,12 +100,15 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
     metrics = {**fit_metrics, **(_floats(test_metrics[0]) if test_metrics else {})}
     # the network's size, an objective of architecture searches (sciml/sweepers)
     metrics["model/params"] = float(sum(p.numel() for p in task.model.parameters()))
+    # warning/<metric>: why a value is missing (NaN) or weak; strings next to the float metrics
+    warnings = {**_DROPPED, **getattr(task, "metric_warnings", {})}
     if trainer.is_global_zero:
         _save_predictions(datamodule, predictions, out / "predictions")
         tmp = out / ".metrics.json.tmp"  # written whole, then renamed: readers never see half a file
-        tmp.write_text(json.dumps(dict(sorted(metrics.items())), indent=2, allow_nan=False))
+        tmp.write_text(json.dumps(dict(sorted({**metrics, **warnings}.items())), indent=2, allow_nan=False))
         tmp.replace(out / "metrics.json")
         log.info("metrics: %s", json.dumps({k: round(v, 5) for k, v in sorted(metrics.items())}))
+        _log_hyperparams(trainer, cfg, metrics)
         log.info("run directory: %s", out)
     return _objective(metrics, cfg.objective)
 
@@ -156,7 +160,18 @@ def _floats(metrics) -> dict[str, float]:
             clean[key] = value
         else:
             log.warning("metric %s is %s; left out of metrics.json", key, value)
+            _DROPPED[f"warning/{key}"] = f"{value}: left out of the metrics"
     return clean
+
+
+_DROPPED: dict[str, str] = {}  # non-finite metrics of this run, recorded as warning entries in metrics.json
+
+
+def _log_hyperparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """The run's resolved config and final metrics to every logger (TensorBoard's HPARAMS tab, MLflow params)."""
+    from sciml.tracking import log_run
+
+    log_run(trainer, cfg, metrics)
 
 
 def _objective(metrics: dict[str, float], name: str) -> float | None:
