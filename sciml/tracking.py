@@ -12,6 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ def log_run(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> 
                 _mlflow(logger, params, metrics, out)
             elif isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(params, metrics=metrics)
+                # its save() keeps the hparams.yaml of the start of fit (the task's settings only)
+                save_hparams_to_yaml(Path(logger.log_dir) / "hparams.yaml", logger.hparams)
             else:
                 logger.log_hyperparams(params)
             logger.save()
