@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 def plot_roc(fpr: np.ndarray, tpr: np.ndarray, path: Path, signal: str = "signal", background: str = "background",
              auc_interval: tuple[float, float] | None = None, confidence: float = 0.95):
     """The ROC curve twice: linear, and as HEP quotes it — background rejection against signal efficiency. With
-    `auc_interval` the legend gives the AUC's bootstrap confidence interval."""
+    `auc_interval` the legend gives the AUC's bootstrap confidence interval. The points go to roc.csv beside it."""
+    save_roc(fpr, tpr, Path(path).with_suffix(".csv"))
     auc = np.trapezoid(tpr, fpr)
     label = f"AUC = {auc:.4f}"
     if auc_interval is not None and all(np.isfinite(auc_interval)):
@@ -31,6 +32,16 @@ def plot_roc(fpr: np.ndarray, tpr: np.ndarray, path: Path, signal: str = "signal
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_roc(fpr: np.ndarray, tpr: np.ndarray, path: Path) -> None:
+    """The ROC curve's points as CSV (columns fpr, tpr) beside its figure: `sciml compare` overlays them."""
+    np.savetxt(path, np.column_stack([fpr, tpr]), delimiter=",", header="fpr,tpr", comments="", fmt="%.7g")
+
+
+def read_roc(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    return data[:, 0], data[:, 1]
 
 
 def plot_score_distributions(train, test, path: Path, signal: str = "signal", background: str = "background",

@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sciml import config_check
 from sciml.distributed import launch  # also registers strategy "hybrid" with Lightning
 from sciml.errors import SciMLError
 
@@ -49,6 +50,7 @@ def run(cfg: DictConfig) -> float | None:
     for key in ("data", "model", "task"):
         if key not in cfg:
             raise SciMLError(f"the config has no '{key}': select a plugin with +plugin=NAME")
+    config_check.check(cfg)  # keys and value types, before anything is built or read
     out = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
 

@@ -216,3 +216,6 @@ def plot_all(metric: ForecastVerification, climatology: float, directory: Path, 
     plot_reliability(curves, climatology, directory / "reliability.png", event)
     plot_performance(curves, directory / "performance.png", event)
     plot_roc(curves, directory / "roc.png", event, auc_interval)
+    from sciml.plots import save_roc
+
+    save_roc(curves["pofd"], curves["roc_pod"], directory / "roc.csv")  # for `sciml compare`
