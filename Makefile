@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # 20-minute compile.
 PIP_INSTALL := $(PY) -m pip install --prefer-binary --disable-pip-version-check
 
-.PHONY: venv run test test-slow clean
+.PHONY: venv run test test-slow lint clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# ruff (pycodestyle, pyflakes, isort, bugbear, pyupgrade, public-API docstrings) and mypy on the core;
+# both configured in pyproject.toml
+lint: venv
+	$(PY) -m ruff check sciml
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -39,7 +39,6 @@ def _plugin_names(argv: list[str]) -> list[str] | None:
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
-
     from hydra.errors import OverrideParseException
 
     try:
@@ -62,6 +61,7 @@ def _plugin_names(argv: list[str]) -> list[str] | None:
 
 
 def check_command_line(argv: list[str]) -> None:
+    """The requested plugin(s) must be installed; a one-line SciMLError otherwise (information flags pass)."""
     if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
         return
     names = _plugin_names(argv)
@@ -124,6 +124,7 @@ Hydra's help follows.
 
 
 def main() -> None:
+    """The `sciml` console script and `python -m sciml`."""
     argv = sys.argv[1:]
     if argv[:1] == ["--list-plugins"]:
         for plugin in plugins.load_all():

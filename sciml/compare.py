@@ -23,6 +23,7 @@ from sciml.errors import SciMLError
 
 
 def main(argv: list[str]) -> int:
+    """The `compare` command; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m sciml compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.json)")
     parser.add_argument("--baseline", type=Path, help="scores of a baseline: HDF5 or CSV with score and label")
@@ -101,6 +102,7 @@ def load_baseline(path: Path) -> dict:
 
 
 def compare(runs: list[Path], out: Path, baseline: Path | None = None, stage: str = "test") -> list[str]:
+    """Write the comparison of `runs` (and `baseline`) into `out`; returns the names of the files written."""
     entries = [load_run(r) for r in runs]
     if baseline is not None:
         entries.append(load_baseline(baseline))

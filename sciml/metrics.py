@@ -89,7 +89,8 @@ class WeightedBinaryClassification(Metric):
     def update(self, scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None):
         self.scores.append(scores.detach().double().flatten())
         self.labels.append(labels.detach().flatten())
-        self.weights.append(torch.ones_like(self.scores[-1]) if weights is None else weights.detach().double().flatten())
+        self.weights.append(torch.ones_like(self.scores[-1]) if weights is None
+                            else weights.detach().double().flatten())
 
     def samples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores, labels and weights of every evaluated event over all ranks: a collective call under DDP."""

@@ -40,6 +40,7 @@ def save_roc(fpr: np.ndarray, tpr: np.ndarray, path: Path) -> None:
 
 
 def read_roc(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The (fpr, tpr) points that `save_roc` wrote."""
     data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
     return data[:, 0], data[:, 1]
 

@@ -47,6 +47,7 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def run(cfg: DictConfig) -> float | None:
+    """One run of the composed config (see the module docstring); returns the objective's value."""
     for key in ("data", "model", "task"):
         if key not in cfg:
             raise SciMLError(f"the config has no '{key}': select a plugin with +plugin=NAME")
@@ -134,7 +135,8 @@ def _check_checkpoint(path: str, task: pl.LightningModule, key: str, hint: str =
     try:
         saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
     except Exception as exc:
-        raise SciMLError(f"{key}: '{path}' is not a readable Lightning checkpoint ({type(exc).__name__}: {exc})")
+        raise SciMLError(f"{key}: '{path}' is not a readable Lightning checkpoint ({type(exc).__name__}: {exc})") \
+            from None
     # Only the network's tensors: tasks may add buffers (e.g. class weights) when they are set up.
     expected = {k: tuple(v.shape) for k, v in task.state_dict().items() if k.startswith("model.")}
     saved = {k: tuple(v.shape) for k, v in saved.items() if k.startswith("model.")}

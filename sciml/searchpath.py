@@ -11,10 +11,12 @@ from sciml import plugins
 
 
 class PluginConfigSearchPath(SearchPathPlugin):
+    """Hydra search-path plugin: every installed plugin's config directory."""
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         for plugin in plugins.load_all():
             search_path.append(provider=f"sciml-plugin-{plugin.name}", path=f"file://{plugin.config_dir}")
 
 
 def register() -> None:
+    """Register the search-path plugin with Hydra (before Hydra composes)."""
     Plugins.instance().register(PluginConfigSearchPath)

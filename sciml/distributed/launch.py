@@ -53,10 +53,10 @@ _observers: list[_JobObserver] = []  # watchdogs of the current job's children
 def hydra_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
     """The command and working directory of local rank `local_rank` of the running Hydra job (replaces Lightning's
     `_hydra_subprocess_cmd`, same signature)."""
-    import __main__
-
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
 
     hydra_cfg = HydraConfig.get()
     if __main__.__spec__ is None:  # started as `python script.py`

@@ -83,7 +83,7 @@ class SciMLTask(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    # -- metrics: built once per stage, on first use -----------------------------------------------------------------
+    # -- metrics: built once per stage, on first use -------------------------------------------------------------------
     def configure_metrics(self, stage: str) -> Mapping[str, Metric]:
         """The metrics of one stage ('val' or 'test') by name. A metric whose `compute` returns a dict contributes
         each entry under the entry's name. Override in tasks; the default has the loss only."""
@@ -221,7 +221,7 @@ class SciMLTask(pl.LightningModule):
             return True
         return sum(self.trainer.num_sanity_val_batches) < total
 
-    # -- set-up ---------------------------------------------------------------------------------------------------------
+    # -- set-up --------------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Fail early, in words, when the network does not fit the data's declared input shape or a split that
         will be evaluated is empty."""

@@ -126,8 +126,9 @@ class SegmentationTask(SciMLTask):
     a class in neither the labels nor the predictions has no IoU and is left out of the mean, as torchmetrics'
     macro average does), precision and recall per foreground class; with `regions`, Dice and (with `hd95`) the 95 %
     Hausdorff distance per region, averaged over cases. With `bootstrap` > 0, confidence intervals: IoU from
-    resampled test rows (time steps, volumes), Dice and HD95 from resampled cases. `inferer` (e.g. MONAI's SliceInferer or SlidingWindowInferer) is used for
-    validation, test and prediction, so whole volumes are segmented by a network trained on slices or patches.
+    resampled test rows (time steps, volumes), Dice and HD95 from resampled cases. `inferer` (e.g. MONAI's
+    SliceInferer or SlidingWindowInferer) is used for validation, test and prediction, so whole volumes are
+    segmented by a network trained on slices or patches.
     `reconstruction_weight` > 0 adds an auto-encoder loss on every row (semi-supervised).
     """
 
