@@ -154,19 +154,9 @@ _SKIP = object()
 
 
 def _expected(param: inspect.Parameter) -> Any:
-    """The annotation; without one, the type of a simple default (an int default takes ints)."""
-    if param.annotation is not inspect.Parameter.empty:
-        return param.annotation
-    default = param.default
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float):
-        return float
-    if isinstance(default, str):
-        return str
-    return Any
+    """The annotation; an unannotated parameter takes anything (its default's type is no contract: `val_cases=1`
+    also takes 'all' or a list)."""
+    return Any if param.annotation is inspect.Parameter.empty else param.annotation
 
 
 def _unknown(full: str, key: str, candidates: list[str]) -> str:

@@ -255,7 +255,11 @@ class SciMLTask(pl.LightningModule):
             sizes = [len(loader.dataset) for loader in _as_list(getattr(datamodule, method)())]
         except (TypeError, AttributeError, NotImplementedError):  # iterable datasets: no length to check
             return
-        if sum(sizes) == 0:
+        total = sum(sizes)
+        if self.trainer.world_size > 1:  # shards: the split is empty when every rank's part is
+            strategy = self.trainer.strategy
+            total = int(strategy.reduce(torch.tensor(float(total), device=strategy.root_device), reduce_op="sum"))
+        if total == 0:
             raise DegenerateDataError(f"{self.split_description(split)} is empty: no {SPLIT_NAMES[split]} metrics "
                                       "could be computed; give it data (e.g. more files, or a larger data.*_fraction)"
                                       + (" or set trainer.limit_val_batches=0" if split == "val" else ""))

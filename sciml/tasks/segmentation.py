@@ -264,7 +264,9 @@ class SegmentationTask(SciMLTask):
         for i, name in enumerate(self.class_names):
             values[f"iou_{name}"] = iou[i]
             if i > 0:
-                values[f"precision_{name}"] = precision[i] if confusion[:, i].sum() > 0 else torch.tensor(torch.nan)
+                # precision of a class never predicted stays torchmetrics' 0 (the convention); recall needs the class
+                # in the labels
+                values[f"precision_{name}"] = precision[i] if present[i] else torch.tensor(torch.nan)
                 values[f"recall_{name}"] = recall[i] if confusion[i].sum() > 0 else torch.tensor(torch.nan)
         if "regions" in metrics:
             values |= {k: v.float() for k, v in metrics["regions"].compute().items()}
@@ -275,7 +277,9 @@ class SegmentationTask(SciMLTask):
 
     def undefined_reason(self, stage: str, name: str) -> str:
         cls = name.split("_", 1)[1] if "_" in name else name
-        if name.startswith(("iou_", "precision_", "recall_")):
+        if name.startswith("recall_"):
+            return f"class {cls} is not in the labels"
+        if name.startswith(("iou_", "precision_")):
             return f"class {cls} is in neither the labels nor the predictions"
         if name.startswith(("dice_", "hd95_")):
             return f"region {cls} is in neither the labels nor the predictions of any case"
