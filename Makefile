@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # 20-minute compile.
 PIP_INSTALL := $(PY) -m pip install --prefer-binary --disable-pip-version-check
 
-.PHONY: venv run test test-slow test-cluster clean
+.PHONY: venv run test test-slow test-cluster lint clean
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ test-slow: venv
 
 test-cluster: venv
 	.ci/cluster/test.sh $(PY)
+
+# ruff (pycodestyle, pyflakes, isort, bugbear, pyupgrade, public-API docstrings) and mypy on the core;
+# both configured in pyproject.toml
+lint: venv
+	$(PY) -m ruff check sciml
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

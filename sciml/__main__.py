@@ -11,11 +11,31 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
 
-from sciml import launchers, plugins, searchpath, sweepers
-from sciml.errors import SciMLError
+def _own_package() -> None:
+    """`python -m sciml` run in the folder that holds the clone (also named sciml) imports that folder as a namespace
+    package, whose `plugins` is the clone's plugins/ folder. Bind the name to this package instead; nothing has
+    been imported from the namespace yet at this point."""
+    import importlib.util
+    from pathlib import Path
+
+    package = sys.modules.get("sciml")
+    if package is None or getattr(package, "__file__", None):
+        return
+    here = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("sciml", here / "__init__.py", submodule_search_locations=[str(here)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sciml"] = module
+    spec.loader.exec_module(module)
+
+
+_own_package()
+
+import hydra  # noqa: E402 -- after the package binding above
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from sciml import launchers, plugins, searchpath, sweepers  # noqa: E402
+from sciml.errors import SciMLError  # noqa: E402
 
 # Hydra flags that only print information: they need no plugin.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--version", "--shell-completion", "-sc"}
@@ -26,11 +46,14 @@ def _plugin_names(argv: list[str]) -> list[str] | None:
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import OverrideParseException
 
     try:
         args, _ = get_args_parser().parse_known_args(argv)
         overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except Exception:  # let Hydra report malformed command lines in its own words
+    except OverrideParseException as exc:  # Hydra's own words, on one line
+        raise SciMLError(f"malformed override: {'; '.join(str(exc).splitlines())}") from None
+    except Exception:  # let Hydra report other malformed command lines itself
         return None
     for override in overrides:
         if override.key_or_group != "plugin":
@@ -132,12 +155,46 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 
 
+USAGE = """\
+sciml: train neural networks on scientific data, from a laptop to a supercomputer.
+
+usage:
+  python -m sciml +plugin=NAME [KEY=VALUE ...]         train, test the best checkpoint, predict the test split
+  python -m sciml -m +plugin=NAME KEY=A,B [...]        a sweep: one job per value, summary.csv in the sweep folder
+  python -m sciml predict CKPT INPUT... [...]          predict files with a trained checkpoint alone
+  python -m sciml export CKPT --format onnx|torchscript    the trained network for use outside sciml
+  python -m sciml compare RUN_DIR... [--baseline SCORES.h5] [--out DIR]
+                                                       overlay ROC curves and metrics of runs, write a table
+  python -m sciml --list-plugins                       the installed domain plugins
+  python -m sciml +plugin=NAME --cfg job               print the composed config
+
++plugin=NAME selects the domain (with the +). Installed plugins: {plugins}.
+Any config value is overridden as KEY=VALUE (trainer.max_epochs=20 data.path=/data/run1/ optimizer=lars);
+every pytorch_lightning.Trainer argument is trainer.KEY=VALUE.
+
+Run directory (hydra.run.dir=DIR to choose it; default outputs/<plugin>/<date>/<time>/):
+  config.yaml  metrics.json  checkpoints/  plots/  predictions/  logs/
+
+More: README.md and docs/ (architecture, writing-a-plugin, one page per plugin, distributed, sweeps);
+the override grammar: https://hydra.cc/docs/advanced/override_grammar/basic/
+
+Hydra's help follows.
+"""
+
+
 def main() -> None:
+    """The `sciml` console script and `python -m sciml`."""
     argv = sys.argv[1:]
     if argv[:1] == ["--list-plugins"]:
         for plugin in plugins.load_all():
             print(f"{plugin.name:12s} {plugin.description}")
         return
+    if argv[:1] == ["compare"]:
+        from sciml.compare import main as compare
+
+        sys.exit(compare(argv[1:]))
+    if argv[:1] in (["--help"], ["-h"]):
+        print(USAGE.format(plugins=", ".join(plugins.installed()) or "none"))
     try:
         if argv[:1] == ["predict"]:
             argv = predict_command(argv[1:])
@@ -147,6 +204,7 @@ def main() -> None:
         print(f"sciml: error: {exc}", file=sys.stderr)
         sys.exit(2)
     setup(names)
+    sys.argv[1:] = precheck(argv)
     _hydra_main()
 
 
@@ -161,6 +219,119 @@ def setup(plugin_names: list[str] | None = None) -> None:
     launchers.register()  # hydra/launcher=ray_jobs
     register_resolvers()
     distributed.setup()
+
+
+def precheck(argv: list[str]) -> list[str]:
+    """Compose the config as Hydra will and check it (sciml.config_check) before Hydra creates the run directory or
+    anything is read: one line and exit 2 on a problem. Returns the command line to run, with `+` added to overrides
+    of keys that the config does not list but the node's `_target_` accepts (`trainer.limit_train_batches=300`).
+    Sweeps (-m) and information flags pass unchecked here; every job checks its config when it starts."""
+    from sciml import config_check
+
+    if any(a.split("=")[0] in _INFO_FLAGS for a in argv) or any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    try:
+        argv = _add_plus_for_target_keys(argv)
+        cfg = _compose(argv)
+        config_check.check(cfg, unresolved_ok=True)
+        config_check.check_output_dir(OmegaConf.select(cfg, "hydra.run.dir"))
+    except SciMLError as exc:
+        print(f"sciml: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return argv
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    from hydra._internal.utils import get_args_parser
+
+    return list(get_args_parser().parse_known_args(argv)[0].overrides)
+
+
+def _compose(argv: list[str]) -> DictConfig:
+    """The job's config as Hydra composes it (with the hydra node), or a SciMLError in one line."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="sciml.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=_overrides(argv), return_hydra_config=True)
+    except HydraException as exc:
+        raise SciMLError(_composition_message(exc, argv)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _composition_message(exc: Exception, argv: list[str]) -> str:
+    """Hydra's composition error in one line; an override of a key the config does not have gets the closest
+    known key instead of Hydra's hint to add it with '+'."""
+    import re
+
+    text = str(exc)
+    match = re.search(r"Could not override '([^']+)'", text)
+    if match and "not in struct" in str(exc.__cause__ or text):
+        key = match.group(1)
+        candidates = _known_keys(argv, key)
+        if candidates is not None:
+            from sciml.config_check import _unknown
+
+            return _unknown(key, key.rsplit(".", 1)[-1], candidates)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _known_keys(argv: list[str], key: str) -> list[str] | None:
+    """The keys a node accepts: those it lists and its `_target_`'s parameters (config without the override)."""
+    from sciml.config_check import target_parameters
+
+    parent_path = key.rsplit(".", 1)[0] if "." in key else ""
+    rest = [a for a in argv if not a.startswith(f"{key}=")]
+    try:
+        cfg = _compose(rest)
+    except SciMLError:
+        return None
+    parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+    if not isinstance(parent, DictConfig):
+        return None
+    known = [str(k) for k in parent if not str(k).startswith("_")]
+    if "_target_" in parent:
+        try:
+            known += list(target_parameters(parent, parent_path)[0])
+        except SciMLError:
+            pass
+    return sorted(set(known))
+
+
+def _add_plus_for_target_keys(argv: list[str]) -> list[str]:
+    """`group.KEY=VALUE` for a KEY that the composed node lacks but its `_target_` accepts becomes `+group.KEY=VALUE`
+    (Hydra's struct mode otherwise refuses it), so every Trainer or datamodule argument can be set directly."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    from sciml.config_check import target_parameters
+
+    parsed = OverridesParser.create().parse_overrides(_overrides(argv))
+    candidates = [o for o in parsed if o.type == OverrideType.CHANGE and "." in o.key_or_group
+                  and o.package is None and not o.key_or_group.startswith("hydra.")]
+    if not candidates:
+        return argv
+    try:
+        cfg = _compose([a for a in argv if a not in {o.input_line for o in candidates}])
+    except SciMLError:
+        return argv  # the composition error is reported with the full command line
+    out = list(argv)
+    for override in candidates:
+        parent_path, key = override.key_or_group.rsplit(".", 1)
+        parent = OmegaConf.select(cfg, parent_path)
+        if not isinstance(parent, DictConfig) or key in parent or "_target_" not in parent:
+            continue
+        try:
+            params, _ = target_parameters(parent, parent_path)
+        except SciMLError:
+            continue
+        if key in params:
+            out[out.index(override.input_line)] = "+" + override.input_line
+    return out
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sciml import rundir, signals
+from sciml import config_check, rundir, signals
 from sciml.data import DataModule, PredictionWriter
 from sciml.distributed import launch
 from sciml.errors import SciMLError
@@ -60,9 +60,11 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def run(cfg: DictConfig) -> float | None:
+    """One run of the composed config (see the module docstring); returns the objective's value."""
     for key in ("data", "model", "task"):
         if key not in cfg:
             raise SciMLError(f"the config has no '{key}': select a plugin with +plugin=NAME")
+    config_check.check(cfg)  # keys and value types, before anything is built or read
     out = Path(cfg.paths.output_dir)
     cfg = with_checkpoint_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
@@ -159,6 +161,7 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_text(out / rundir.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
+    _DROPPED.clear()
     checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)  # the best-model one
     fit_metrics: dict[str, float] = {}
     if cfg.train:
@@ -191,9 +194,13 @@ def _fit_test_predict(cfg: DictConfig, trainer: pl.Trainer, task: pl.LightningMo
     metrics = {**fit_metrics, **(_floats(test_metrics[0]) if test_metrics else {})}
     # the network's size, an objective of architecture searches (sciml/sweepers)
     metrics["model/params"] = float(sum(p.numel() for p in task.model.parameters()))
+    # warning/<metric>: why a value is missing (NaN) or weak; strings next to the float metrics
+    warnings = {**_DROPPED, **getattr(task, "metric_warnings", {})}
     if trainer.is_global_zero:
-        rundir.write_text(out / "metrics.json", json.dumps(dict(sorted(metrics.items())), indent=2, allow_nan=False))
+        rundir.write_text(out / "metrics.json",
+                          json.dumps(dict(sorted({**metrics, **warnings}.items())), indent=2, allow_nan=False))
         log.info("metrics: %s", json.dumps({k: round(v, 5) for k, v in sorted(metrics.items())}))
+        _log_hyperparams(trainer, cfg, metrics)
         log.info("run directory: %s", out)
     return _objective(metrics, cfg.objective) if cfg.train else metrics.get(cfg.objective)
 
@@ -217,7 +224,8 @@ def _check_checkpoint(path: str, task: pl.LightningModule, key: str, hint: str =
     try:
         saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
     except Exception as exc:
-        raise SciMLError(f"{key}: '{path}' is not a readable Lightning checkpoint ({type(exc).__name__}: {exc})")
+        raise SciMLError(f"{key}: '{path}' is not a readable Lightning checkpoint ({type(exc).__name__}: {exc})") \
+            from None
     # Only the network's tensors: tasks may add buffers (e.g. class weights) when they are set up.
     expected = {k: tuple(v.shape) for k, v in task.state_dict().items() if k.startswith("model.")}
     saved = {k: tuple(v.shape) for k, v in saved.items() if k.startswith("model.")}
@@ -245,7 +253,18 @@ def _floats(metrics) -> dict[str, float]:
             clean[key] = value
         else:
             log.warning("metric %s is %s; left out of metrics.json", key, value)
+            _DROPPED[f"warning/{key}"] = f"{value}: left out of the metrics"
     return clean
+
+
+_DROPPED: dict[str, str] = {}  # non-finite metrics of this run, recorded as warning entries in metrics.json
+
+
+def _log_hyperparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """The run's resolved config and final metrics to every logger (TensorBoard's HPARAMS tab, MLflow params)."""
+    from sciml.tracking import log_run
+
+    log_run(trainer, cfg, metrics)
 
 
 def _objective(metrics: dict[str, float], name: str) -> float | None:

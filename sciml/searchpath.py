@@ -11,6 +11,8 @@ from sciml import plugins
 
 
 class PluginConfigSearchPath(SearchPathPlugin):
+    """Hydra search-path plugin: the selected plugins' config directories."""
+
     selected: list[str] | None = None  # None: every installed plugin
 
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:

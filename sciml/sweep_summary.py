@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class SweepSummary(Callback):
+    """Hydra callback: summary.csv and summary.md of a multirun, rewritten after every job."""
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
@@ -51,6 +52,7 @@ def record_failed_job(sweep_dir: Path, job_dir: Path, job: int, overrides: list[
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job of a sweep folder: its status file and metrics.json merged."""
     rows = []
     for status_file in sweep_dir.glob("*/job_status.json"):
         row = json.loads(status_file.read_text())
@@ -63,6 +65,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_summary(sweep_dir: Path) -> Path | None:
+    """summary.csv and summary.md in `sweep_dir`; returns the markdown file, None without jobs."""
     rows = collect(sweep_dir)
     if not rows:
         return None

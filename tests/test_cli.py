@@ -29,8 +29,11 @@ def test_run_directory_contract(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for key in ("test/auc", "test/acc", "test/sig_eff_at_bkg_eff_1e-2", "test/sig_eff_at_bkg_eff_1e-3",
                 "test/bkg_rej_at_sig_eff_0.5", "test/loss", "val/loss", "val/auc", "train/loss",
-                "train/samples_per_s"):
+                "train/samples_per_s", "test/auc_ci_low", "test/auc_ci_high", "test/bkg_events_at_bkg_eff_1e-3"):
         assert isinstance(metrics[key], float), key
+    assert metrics["test/auc_ci_low"] <= metrics["test/auc"] <= metrics["test/auc_ci_high"]
+    # 58 test jets: the 1e-3 working point rests on a fraction of one background jet, and says so
+    assert "background events" in metrics["warning/test/sig_eff_at_bkg_eff_1e-3"]
     assert metrics["test/auc"] > 0.9, "the synthetic two-prong images are easy to separate"
     assert metrics["train/samples_per_s"] > 0
 
@@ -39,7 +42,7 @@ def test_run_directory_contract(trained_run):
     assert (trained_run / "checkpoints" / "last.ckpt").is_file()
     best = list((trained_run / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1
-    for plot in ("roc.png", "training_curves.png"):
+    for plot in ("roc.png", "training_curves.png", "score_distributions.png"):
         assert (trained_run / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     with h5py.File(trained_run / "predictions" / "images_scores.h5") as h5:  # <input stem>_scores.h5
         scores, labels = h5["score"][...], h5["label"][...]

@@ -4,6 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from sciml.errors import DegenerateDataError
 from sciml.metrics import WeightedBinaryClassification, weighted_roc
 
 
@@ -28,7 +29,7 @@ def test_weighted_roc_matches_sklearn(sample):
 
 def test_metric_values_against_references(sample):
     scores, labels, weights = sample
-    metric = WeightedBinaryClassification()
+    metric = WeightedBinaryClassification(working_points=True)
     for part in np.array_split(np.arange(len(scores)), 7):  # accumulated over batches
         metric.update(torch.tensor(scores[part]), torch.tensor(labels[part]), torch.tensor(weights[part]))
     values = {k: float(v) for k, v in metric.compute().items()}
@@ -52,7 +53,7 @@ def test_weights_change_the_result(sample):
 
 
 def test_perfect_separation_rejection_is_finite_lower_bound():
-    metric = WeightedBinaryClassification()
+    metric = WeightedBinaryClassification(working_points=True)
     metric.update(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([0, 0, 1, 1]))
     values = metric.compute()
     assert float(values["auc"]) == 1.0
@@ -62,5 +63,28 @@ def test_perfect_separation_rejection_is_finite_lower_bound():
 def test_one_class_only_is_an_error():
     metric = WeightedBinaryClassification()
     metric.update(torch.tensor([0.1, 0.2]), torch.tensor([1, 1]))
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(DegenerateDataError, match="all 2 evaluated events are signal"):
         metric.compute()
+
+
+def test_working_points_are_opt_in(sample):
+    scores, labels, weights = sample
+    plain, hep = WeightedBinaryClassification(), WeightedBinaryClassification(working_points=True)
+    for metric in (plain, hep):
+        metric.update(torch.tensor(scores), torch.tensor(labels), torch.tensor(weights))
+    assert set(plain.compute()) == {"auc", "acc"}
+    values = hep.compute()
+    assert {"sig_eff_at_bkg_eff_1e-2", "sig_eff_at_bkg_eff_1e-3", "bkg_rej_at_sig_eff_0.5"} <= set(values)
+    n_eff = weights[labels == 0].sum() ** 2 / (weights[labels == 0] ** 2).sum()
+    assert float(values["bkg_events_at_bkg_eff_1e-3"]) == pytest.approx(1e-3 * n_eff)
+
+
+def test_bootstrap_intervals_cover_the_value_and_are_seeded(sample):
+    scores, labels, weights = sample
+    metric = WeightedBinaryClassification()
+    metric.update(torch.tensor(scores), torch.tensor(labels), torch.tensor(weights))
+    auc = float(metric.compute()["auc"])
+    ci = metric.bootstrap(100, seed=3)
+    low, high = ci["auc"]
+    assert low < auc < high and high - low < 0.1
+    assert metric.bootstrap(100, seed=3) == ci and metric.bootstrap(100, seed=4) != ci

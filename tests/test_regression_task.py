@@ -37,8 +37,8 @@ def test_gaussian_nll_in_normalised_units_and_metrics_in_physical_units():
     nll = 0.5 * (log_var + (t - mean) ** 2 / np.exp(log_var) + math.log(2 * math.pi))
     assert loss == pytest.approx((nll * w).sum() / w.sum(), rel=1e-5)
 
-    task._evaluate(batch, "test")
-    values = task.metrics["test"].compute()
+    task.evaluate_batch(batch, "test")
+    values = task.epoch_metrics("test")
     predicted = mean * scale + offset
     assert values["mae"].item() == pytest.approx(np.abs(predicted - y).mean(), rel=1e-5)
     assert values["rmse"].item() == pytest.approx(np.sqrt(((predicted - y) ** 2).mean()), rel=1e-5)

@@ -74,8 +74,9 @@ def test_class_metrics_match_numpy():
     y = rng.integers(0, 3, size=(4, 16, 16))
     pred = np.where(rng.random(y.shape) < 0.7, y, rng.integers(0, 3, size=y.shape))
     task = SegmentationTask(torch.nn.Identity(), num_classes=3, class_names=["background", "tc", "ar"])
-    task.metrics["test"].update(torch.tensor(pred), torch.tensor(y))
-    task.losses["test"].update(torch.tensor(1.0))
+    for name in ("iou", "precision", "recall", "confusion"):
+        task.metrics["test"][name].update(torch.tensor(pred), torch.tensor(y))
+    task.metrics["test"]["loss"].update(torch.tensor(1.0))
     values = task.epoch_metrics("test")
     ious = []
     for c, name in enumerate(["background", "tc", "ar"]):

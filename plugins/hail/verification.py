@@ -14,6 +14,8 @@ from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve, binary_roc
 from torchmetrics.utilities.data import dim_zero_cat
 
+from sciml.errors import DegenerateDataError
+
 THRESHOLDS = 101  # probability thresholds 0, 0.01, ..., 1 for CSI and the performance diagram
 
 
@@ -42,23 +44,33 @@ class ForecastVerification(Metric):
 
     def _data(self) -> tuple[torch.Tensor, torch.Tensor]:
         probs, outcomes = dim_zero_cat(self.probs), dim_zero_cat(self.outcomes)
-        if outcomes.min() == outcomes.max():
-            raise ValueError("forecast verification needs both outcomes (event and no event) in the evaluated sample")
+        _check_outcomes(outcomes)
         return probs.clamp(0, 1), outcomes
 
     def compute(self) -> dict[str, torch.Tensor]:
-        probs, outcomes = self._data()
-        base_rate = outcomes.float().mean()
-        clim = base_rate if self.climatology is None else torch.tensor(self.climatology, device=probs.device)
-        brier = mean_squared_error(probs, outcomes.float())
-        brier_clim = ((clim - outcomes.float()) ** 2).mean()
-        csi, threshold, pod, sr = best_csi(probs, outcomes)
-        # bss_sample: against the evaluated sample's own frequency, as hagelslag's reliability diagrams report it
-        brier_sample = base_rate * (1 - base_rate)
-        values = {"auc": binary_auroc(probs, outcomes), "brier": brier, "bss": 1 - brier / brier_clim,
-                  "bss_sample": 1 - brier / brier_sample,
-                  "csi": csi, "csi_threshold": threshold, "pod": pod, "sr": sr, "base_rate": base_rate}
-        return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()}
+        return verification_values(*self._data(), self.climatology)
+
+    def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities and outcomes of every evaluated storm over all ranks (a collective under DDP)."""
+        with self.sync_context():
+            return self._data()
+
+    def bootstrap(self, resamples: int, seed: int = 0, confidence: float = 0.95,
+                  names: tuple[str, ...] = ("auc", "brier", "bss")) -> dict[str, tuple[float, float]]:
+        """Confidence intervals of the scores `names`, resampling the evaluated storms (collective under DDP)."""
+        from sciml.bootstrap import intervals
+
+        probs, outcomes = (t.cpu() for t in self.samples())
+
+        def statistic(units):
+            idx = torch.as_tensor(units)
+            try:
+                values = verification_values(probs[idx], outcomes[idx], self.climatology, curves=False)
+            except DegenerateDataError:
+                return {}
+            return {k: float(values[k]) for k in names}
+
+        return intervals(statistic, len(outcomes), resamples, seed, confidence)
 
     def curves(self) -> dict[str, np.ndarray]:
         """Reliability bins, performance curve and ROC over all ranks (a collective under DDP)."""
@@ -75,6 +87,32 @@ class ForecastVerification(Metric):
             "bin_count": count, "bin_prob": mean_prob, "bin_observed": observed,
             "sr": precision[:-1], "pod": recall[:-1], "threshold": thresholds,
             "pofd": fpr, "roc_pod": tpr, "base_rate": outcomes.float().mean()}.items()}
+
+
+def _check_outcomes(outcomes: torch.Tensor) -> None:
+    if len(outcomes) == 0 or outcomes.min() == outcomes.max():
+        which = "none was evaluated" if len(outcomes) == 0 else (
+            f"all {len(outcomes)} are {'events' if int(outcomes[0]) else 'non-events'}")
+        raise DegenerateDataError(f"forecast verification needs storms with and without the event; {which}")
+
+
+def verification_values(probs: torch.Tensor, outcomes: torch.Tensor, climatology: float | None,
+                        curves: bool = True) -> dict[str, torch.Tensor]:
+    """AUC, Brier score, BSS against `climatology` (None: the sample's frequency), BSS against the sample's
+    frequency and, with `curves`, the best CSI with its threshold, POD and success ratio."""
+    _check_outcomes(outcomes)
+    base_rate = outcomes.float().mean()
+    clim = base_rate if climatology is None else torch.tensor(climatology, device=probs.device)
+    brier = mean_squared_error(probs, outcomes.float())
+    brier_clim = ((clim - outcomes.float()) ** 2).mean()
+    # bss_sample: against the evaluated sample's own frequency, as hagelslag's reliability diagrams report it
+    brier_sample = base_rate * (1 - base_rate)
+    values = {"auc": binary_auroc(probs, outcomes), "brier": brier, "bss": 1 - brier / brier_clim,
+              "bss_sample": 1 - brier / brier_sample, "base_rate": base_rate}
+    if curves:
+        csi, threshold, pod, sr = best_csi(probs, outcomes)
+        values |= {"csi": csi, "csi_threshold": threshold, "pod": pod, "sr": sr}
+    return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()}
 
 
 def csi_from(pod: torch.Tensor, sr: torch.Tensor) -> torch.Tensor:
@@ -150,12 +188,16 @@ def plot_performance(curves: dict[str, np.ndarray], path: Path, event: str) -> N
     plt.close(fig)
 
 
-def plot_roc(curves: dict[str, np.ndarray], path: Path, event: str) -> None:
+def plot_roc(curves: dict[str, np.ndarray], path: Path, event: str,
+             auc_interval: tuple[float, float] | None = None) -> None:
     from sciml.plots import plt
 
     pofd, pod = curves["pofd"], curves["roc_pod"]
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    ax.plot(pofd, pod, c="tab:blue", label=f"AUC = {np.trapezoid(pod, pofd):.3f}")
+    label = f"AUC = {np.trapezoid(pod, pofd):.3f}"
+    if auc_interval is not None and all(np.isfinite(auc_interval)):
+        label += f" [{auc_interval[0]:.3f}, {auc_interval[1]:.3f}]"
+    ax.plot(pofd, pod, c="tab:blue", label=label)
     ax.plot([0, 1], [0, 1], ls=":", c="grey", label="no skill")
     ax.set(xlabel="probability of false detection", ylabel="probability of detection", title=f"ROC: {event}")
     ax.legend(loc="lower right")
@@ -165,11 +207,15 @@ def plot_roc(curves: dict[str, np.ndarray], path: Path, event: str) -> None:
 
 
 def plot_all(metric: ForecastVerification, climatology: float, directory: Path, event: str,
-             is_global_zero: bool = True) -> None:
-    """reliability.png, performance.png and roc.png in `directory` (every rank must call it under DDP)."""
+             is_global_zero: bool = True, auc_interval: tuple[float, float] | None = None) -> None:
+    """reliability.png, performance.png and roc.png in `directory` (every rank must call it under DDP); the ROC's
+    legend gives `auc_interval` (a bootstrap confidence interval) when known."""
     curves = metric.curves()
     if not is_global_zero:
         return
     plot_reliability(curves, climatology, directory / "reliability.png", event)
     plot_performance(curves, directory / "performance.png", event)
-    plot_roc(curves, directory / "roc.png", event)
+    plot_roc(curves, directory / "roc.png", event, auc_interval)
+    from sciml.plots import save_roc
+
+    save_roc(curves["pofd"], curves["roc_pod"], directory / "roc.csv")  # for `sciml compare`

@@ -47,19 +47,19 @@ arguments, which Lightning 2.6 ignores on CPU. Communicated bytes are counted wh
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
-
 from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from sciml.distributed.comm import CROSS_KEY, INTRA_KEY, GradientAllReduceCounter, count_gradient_allreduce
 

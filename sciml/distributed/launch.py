@@ -86,6 +86,8 @@ def hydra_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd
 
+    import __main__
+
     hydra_cfg = HydraConfig.get()
     command = app_command()
     command += [o for o in hydra_cfg.overrides.hydra if not _override_key(o).startswith(_NOT_FORWARDED)]

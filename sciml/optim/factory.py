@@ -23,6 +23,7 @@ _SCIML_KEYS = ("_target_", "base_batch_size", "lr_scaling", "exclude_from_decay"
 
 
 def scaled_lr(lr: float, global_batch: int, base_batch_size: int | None, rule: str) -> float:
+    """The large-batch rule: `lr` at `base_batch_size` scaled to `global_batch` (linear, sqrt or none)."""
     if not base_batch_size or rule == "none":
         return lr
     if rule not in ("linear", "sqrt"):
@@ -40,6 +41,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, exclude_from_decay
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module, global_batch: int) -> torch.optim.Optimizer:
+    """The optimizer of the `optimizer` config over `model`'s parameters, its LR scaled to `global_batch`."""
     options = OmegaConf.to_container(cfg, resolve=True)
     try:
         cls = get_class(options["_target_"])

@@ -18,8 +18,8 @@ do: ``g <- g / max(1, ||(g_1, ..., g_n)|| / max_grad_norm)``, with ``p.grad`` le
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from functools import reduce
-from typing import Callable, Iterable
 
 import torch
 from torch import Tensor

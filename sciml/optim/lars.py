@@ -33,7 +33,7 @@ MLPerf treatment of biases and normalisation parameters; :func:`lars_param_group
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn

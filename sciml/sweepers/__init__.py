@@ -20,6 +20,7 @@ PLUGIN_MODULE = "hydra_plugins.sciml_sweepers"
 
 
 class OptunaSweeper(_OptunaSweeper):
+    """The Optuna sweeper under the name Hydra's `hydra/sweeper=optuna` config targets."""
     __doc__ = _OptunaSweeper.__doc__
 
 
@@ -27,6 +28,7 @@ OptunaSweeper.__module__ = PLUGIN_MODULE  # its class path: hydra_plugins.sciml_
 
 
 def register() -> None:
+    """Make `hydra/sweeper=optuna` available to Hydra."""
     if PLUGIN_MODULE not in sys.modules:
         try:
             namespace = importlib.import_module("hydra_plugins")  # installed by any Hydra plugin package
@@ -37,5 +39,5 @@ def register() -> None:
         module = types.ModuleType(PLUGIN_MODULE, __doc__)
         module.OptunaSweeper = OptunaSweeper
         sys.modules[PLUGIN_MODULE] = module
-        setattr(namespace, "sciml_sweepers", module)
+        namespace.sciml_sweepers = module
     Plugins.instance().register(OptunaSweeper)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
@@ -33,6 +34,7 @@ _DIRECTIONS = {"max": "maximize", "maximize": "maximize", "min": "minimize", "mi
 
 
 class OptunaSweeper(Sweeper):
+    """Hydra sweeper: Optuna 5 ask/tell search over the sweep overrides, jobs run by Hydra's launcher."""
     def __init__(self, sampler: str = "tpe", seed: int | None = None, n_trials: int = 20, batch_size: int = 1,
                  objectives: Sequence[str] | None = None, directions: Sequence[str] | None = None,
                  study_name: str | None = None, storage: str | None = None,

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def write(study: optuna.Study, sweep_dir: Path, objectives: list[str], base_overrides: list[str]) -> dict | None:
+    """The sweep's Pareto table and plot and the best trial's command; None without completed trials."""
     trials = study.get_trials(deepcopy=False)
     params = sorted({name for t in trials for name in t.params})
     _write_csv(sweep_dir / "trials.csv", [_row(t, objectives, params) for t in trials])
@@ -47,6 +48,7 @@ def write(study: optuna.Study, sweep_dir: Path, objectives: list[str], base_over
 
 
 def command(base_overrides: list[str], trial: FrozenTrial) -> str:
+    """The command line that re-trains `trial`."""
     chosen = [f"{k}={v}" for k, v in trial.user_attrs.get("params_overrides", {}).items()]
     return "python -m sciml " + shlex.join([*base_overrides, *chosen])
 
@@ -122,7 +124,8 @@ def _plot(study: optuna.Study, front: list[FrozenTrial], objectives: list[str], 
         ax.set_ylabel(objectives[0])
         if _positive(done, 1) and max(t.values[1] for t in done) > 20 * min(t.values[1] for t in done):
             ax.set_xscale("log")  # parameter counts span decades
-    failed = sum(t.state == TrialState.FAIL and bool(t.user_attrs.get("error")) for t in study.get_trials(deepcopy=False))
+    failed = sum(t.state == TrialState.FAIL and bool(t.user_attrs.get("error"))
+                 for t in study.get_trials(deepcopy=False))
     ax.set_title(f"{len(done)} trials completed, {failed} failed", fontsize=10)  # interrupted ones are not counted
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -37,6 +37,7 @@ def parse(lines: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, str]
 
 
 def distribution(override: Override) -> BaseDistribution:
+    """The Optuna distribution of one sweep override (choice, range or interval)."""
     key, value = override.get_key_element(), override.value()
     if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
         choices = list(override.sweep_iterator(transformer=Transformer.encode))

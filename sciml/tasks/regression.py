@@ -1,10 +1,13 @@
 """Regression of one or more continuous targets, optionally with a predicted uncertainty (Gaussian likelihood)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection, R2Score
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, Metric, R2Score
+from torchmetrics.utilities.data import dim_zero_cat
 
+from sciml.bootstrap import intervals
 from sciml.errors import SciMLError
 from sciml.tasks.base import SciMLTask
 
@@ -19,12 +22,14 @@ class RegressionTask(SciMLTask):
     trained by its negative log-likelihood; predictions then include `std`. Batches: `x`, `y` of shape (N,) or
     (N, num_targets), optionally `w` (per-sample weights, used in the loss).
 
-    Metrics (torchmetrics, over all targets): mae, rmse, r2, and the loss.
+    Metrics (torchmetrics, over all targets): mae, rmse, r2, and the loss; with `bootstrap` > 0 their confidence
+    intervals from resampled test samples (`test/rmse_ci_low`, ...), and `plots/regression.png`.
     """
 
     def __init__(self, model, num_targets: int = 1, loss: str = "mse", target_offset: float = 0.0,
-                 target_scale: float = 1.0, target_name: str = "target", optimizer=None, scheduler=None):
-        super().__init__(model, optimizer, scheduler)
+                 target_scale: float = 1.0, target_name: str = "target", optimizer=None, scheduler=None,
+                 bootstrap: int = 0, bootstrap_seed: int = 0, confidence: float = 0.95):
+        super().__init__(model, optimizer, scheduler, bootstrap, bootstrap_seed, confidence)
         if loss not in LOSSES:
             raise SciMLError(f"task.loss: '{loss}' is not one of {', '.join(LOSSES)}")
         if num_targets < 1:
@@ -33,13 +38,12 @@ class RegressionTask(SciMLTask):
             raise SciMLError(f"task.target_scale must be > 0, got {target_scale}")
         self.num_targets, self.loss_name, self.target_name = num_targets, loss, target_name
         self.target_offset, self.target_scale = float(target_offset), float(target_scale)
-        self.metrics = torch.nn.ModuleDict({stage: self._make_metrics() for stage in ("val", "test")})
-        self.losses = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
 
-    @staticmethod
-    def _make_metrics() -> MetricCollection:
-        return MetricCollection({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False),
-                                 "r2": R2Score()})
+    def configure_metrics(self, stage):
+        metrics = {"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False), "r2": R2Score()}
+        if stage == "test":  # the test pairs, for the plot and the bootstrap intervals
+            metrics["pairs"] = Pairs()
+        return metrics
 
     @property
     def outputs_per_target(self) -> int:
@@ -62,7 +66,7 @@ class RegressionTask(SciMLTask):
             raise SciMLError(f"targets have {y.shape[1]} values per sample, task.num_targets={self.num_targets}")
         return (y - self.target_offset) / self.target_scale
 
-    def _loss(self, mean, log_var, target, w):
+    def loss(self, mean, log_var, target, w):
         if self.loss_name == "gaussian_nll":
             loss = F.gaussian_nll_loss(mean, target, log_var.exp(), reduction="none", full=True)
         elif self.loss_name == "l1":
@@ -82,48 +86,42 @@ class RegressionTask(SciMLTask):
 
     def training_step(self, batch, batch_idx):
         mean, log_var = self._split(self(batch["x"]))
-        loss = self._loss(mean, log_var, self._target(batch["y"]), batch.get("w"))
+        loss = self.loss(mean, log_var, self._target(batch["y"]), batch.get("w"))
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(mean))
         return loss
 
-    def _evaluate(self, batch, stage):
+    def evaluate_batch(self, batch, stage):
+        """Update the stage's metrics; returns the predicted mean and standard deviation (or None) in target
+        units, None for unlabelled batches."""
+        if "y" not in batch:  # unlabelled rows are predicted, not scored
+            return None
         x, w = batch["x"], batch.get("w")
         mean, log_var = self._split(self(x))
         target = self._target(batch["y"])
-        self.losses[stage].update(self._loss(mean, log_var, target, w), weight=len(x) if w is None else w.sum())
+        metrics = self.metrics[stage]
+        metrics["loss"].update(self.loss(mean, log_var, target, w), weight=len(x) if w is None else w.sum())
         scale, offset = self.target_scale, self.target_offset
-        self.metrics[stage].update((mean * scale + offset).flatten(), (target * scale + offset).flatten())
+        predicted, observed = (mean * scale + offset).flatten(), (target * scale + offset).flatten()
+        for name in ("mae", "rmse", "r2"):
+            metrics[name].update(predicted, observed)
+        if "pairs" in metrics:
+            metrics["pairs"].update(predicted, observed)
         return mean * scale + offset, None if log_var is None else (0.5 * log_var).exp() * scale
 
-    def _log_epoch(self, stage):
-        values = {"loss": self.losses[stage].compute(), **self.metrics[stage].compute()}
-        self.log_dict({f"{stage}/{k}": v.float() for k, v in values.items()}, prog_bar=stage == "val")
-        self.losses[stage].reset()
-        self.metrics[stage].reset()
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self):
-        self._log_epoch("val")
-
-    def on_test_epoch_start(self):
-        self._test_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def test_step(self, batch, batch_idx):
-        mean, _ = self._evaluate(batch, "test")
-        self._test_pairs.append((mean.detach().flatten().cpu(), batch["y"].detach().float().flatten().cpu()))
-
-    def on_test_epoch_end(self):
-        self._log_epoch("test")
-        if self.trainer.is_global_zero and self._test_pairs:  # this rank's test samples (all of them on one device)
-            predicted, observed = (torch.cat(t).numpy() for t in zip(*self._test_pairs))
+    def test_report(self):
+        predicted, observed = self.metrics["test"]["pairs"].values()  # a collective under DDP
+        if self.bootstrap:
+            ci = intervals(lambda units: regression_values(predicted[units], observed[units]), len(predicted),
+                           self.bootstrap, self.bootstrap_seed, self.confidence)
+            for name, (low, high) in ci.items():
+                self.log_dict({f"test/{name}_ci_low": low, f"test/{name}_ci_high": high})
+        if self.trainer.is_global_zero and len(predicted):
             plot_regression(predicted, observed, self.plots_dir / "regression.png", name=self.target_name)
 
     def predict_step(self, batch, batch_idx):
         mean, std = self.predict_physical(batch["x"])
         out = {"prediction": mean}
-        if "y" in batch:  # unlabelled files are predicted too
+        if "y" in batch:  # the target passes through when the file has one
             out["target"] = batch["y"].reshape(len(mean), -1).float()
         if std is not None:
             out["std"] = std
@@ -132,10 +130,41 @@ class RegressionTask(SciMLTask):
         return {k: v.detach().cpu() for k, v in out.items()}
 
 
+class Pairs(Metric):
+    """Predicted and observed values of every evaluated sample, gathered over ranks (for plots and intervals);
+    computes nothing itself."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("predicted", default=[], dist_reduce_fx="cat")
+        self.add_state("observed", default=[], dist_reduce_fx="cat")
+
+    def update(self, predicted: torch.Tensor, observed: torch.Tensor) -> None:
+        self.predicted.append(predicted.detach().double().flatten())
+        self.observed.append(observed.detach().double().flatten())
+
+    def compute(self) -> dict:
+        return {}
+
+    def values(self) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted, observed) over all ranks: a collective call under DDP."""
+        with self.sync_context():
+            return tuple(dim_zero_cat(s).cpu().numpy() if len(s) else np.zeros(0)
+                         for s in (self.predicted, self.observed))
+
+
+def regression_values(predicted: np.ndarray, observed: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE and R^2 of one sample (for the bootstrap; the logged values come from torchmetrics)."""
+    error = predicted - observed
+    variance = ((observed - observed.mean()) ** 2).sum()
+    return {"mae": float(np.abs(error).mean()), "rmse": float(np.sqrt((error ** 2).mean())),
+            "r2": float(1 - (error ** 2).sum() / variance) if variance > 0 else float("nan")}
+
+
 def plot_regression(predicted, observed, path, name: str = "target") -> None:
     """Predicted against observed values, with the 1:1 line, and the histogram of the errors."""
-    import numpy as np
-
     from sciml.plots import plt  # the Agg backend is set there
 
     error = predicted - observed

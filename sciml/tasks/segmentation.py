@@ -10,7 +10,6 @@ The network returns logits (B, K, *spatial), or a dict with `logits` and, for se
 from __future__ import annotations
 
 import csv
-import math
 import warnings
 from collections.abc import Mapping
 
@@ -20,8 +19,9 @@ from hydra.utils import instantiate
 from monai.losses import DiceLoss
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassJaccardIndex, MulticlassPrecision, MulticlassRecall
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 from torchmetrics.utilities.data import dim_zero_cat
 
 from sciml.errors import SciMLError
@@ -81,6 +81,41 @@ class RegionOverlap(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         return {k: v.nanmean() for k, v in self.per_case().items()}
 
+    def synced_per_case(self) -> dict[str, torch.Tensor]:
+        """`per_case` over all ranks: a collective call under DDP."""
+        with self.sync_context():
+            return self.per_case()
+
+
+class ConfusionPerSample(Metric):
+    """The confusion matrix (truth x prediction) of every evaluated sample, kept per sample (gathered across ranks)
+    so that intervals can resample samples; `compute` returns nothing to log."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("matrices", default=[], dist_reduce_fx="cat")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.matrices.append(torch.stack([multiclass_confusion_matrix(p.flatten(), t.flatten(), self.num_classes)
+                                          for p, t in zip(pred, target)]))
+
+    def compute(self) -> dict:
+        return {}
+
+    def total(self) -> torch.Tensor:
+        """The summed matrix over all ranks (K, K) (collective under DDP)."""
+        return self.per_sample().sum(0)
+
+    def per_sample(self) -> torch.Tensor:
+        """(samples, K, K) over all ranks: a collective call under DDP."""
+        with self.sync_context():
+            if not len(self.matrices):
+                return torch.zeros(0, self.num_classes, self.num_classes, dtype=torch.long)
+            return dim_zero_cat(self.matrices).cpu()
+
 
 class SegmentationTask(SciMLTask):
     """Per-pixel (or per-voxel) classification into `num_classes` classes, class 0 the background.
@@ -88,10 +123,13 @@ class SegmentationTask(SciMLTask):
     Loss: class-weighted cross-entropy (`loss=ce`), plus MONAI's soft Dice (`ce_dice`) or Jaccard (`ce_jaccard`)
     loss. `class_weights`: null, a list, or `inverse_sqrt_frequency` (from the datamodule's
     `class_frequencies()` on the training data, kept in the checkpoint).
-    Metrics (torchmetrics): IoU per class and their mean (`miou`, background included, as ClimateNet reports it),
-    precision and recall per foreground class; with `regions`, Dice and (with `hd95`) the 95 % Hausdorff distance
-    per region, averaged over cases. `inferer` (e.g. MONAI's SliceInferer or SlidingWindowInferer) is used for
-    validation, test and prediction, so whole volumes are segmented by a network trained on slices or patches.
+    Metrics (torchmetrics): IoU per class and their mean (`miou`, background included, as ClimateNet reports it;
+    a class in neither the labels nor the predictions has no IoU and is left out of the mean, as torchmetrics'
+    macro average does), precision and recall per foreground class; with `regions`, Dice and (with `hd95`) the 95 %
+    Hausdorff distance per region, averaged over cases. With `bootstrap` > 0, confidence intervals: IoU from
+    resampled test rows (time steps, volumes), Dice and HD95 from resampled cases. `inferer` (e.g. MONAI's
+    SliceInferer or SlidingWindowInferer) is used for validation, test and prediction, so whole volumes are
+    segmented by a network trained on slices or patches.
     `reconstruction_weight` > 0 adds an auto-encoder loss on every row (semi-supervised).
     """
 
@@ -99,8 +137,9 @@ class SegmentationTask(SciMLTask):
                  class_weights: list[float] | str | None = None, loss: str = "ce",
                  include_background_in_overlap_loss: bool = True, regions: Mapping | None = None, hd95: bool = False,
                  inferer=None, reconstruction_weight: float = 0.0, save_probabilities: bool = True,
-                 optimizer=None, scheduler=None):
-        super().__init__(model, optimizer, scheduler)
+                 optimizer=None, scheduler=None, bootstrap: int = 0, bootstrap_seed: int = 0,
+                 confidence: float = 0.95):
+        super().__init__(model, optimizer, scheduler, bootstrap, bootstrap_seed, confidence)
         if num_classes < 2:
             raise SciMLError(f"task.num_classes must be >= 2, got {num_classes}")
         if loss not in LOSSES:
@@ -128,18 +167,18 @@ class SegmentationTask(SciMLTask):
         if isinstance(inferer, (DictConfig, dict)):
             inferer = instantiate(inferer)
         self.inferer = inferer
-        regions = OmegaConf.to_container(regions) if isinstance(regions, DictConfig) else regions
-        self.metrics = torch.nn.ModuleDict({stage: self._make_metrics() for stage in ("val", "test")})
-        self.regions = torch.nn.ModuleDict(
-            {stage: RegionOverlap(regions, hd95=hd95 and stage == "test") for stage in ("val", "test")}
-        ) if regions else None
-        self.losses = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        self.regions = OmegaConf.to_container(regions) if isinstance(regions, DictConfig) else regions
+        self.hd95 = hd95
 
-    def _make_metrics(self) -> MetricCollection:
+    def configure_metrics(self, stage):
         k = self.num_classes
-        return MetricCollection({"iou": MulticlassJaccardIndex(k, average="none"),
-                                 "precision": MulticlassPrecision(k, average="none"),
-                                 "recall": MulticlassRecall(k, average="none")})
+        metrics = {"iou": MulticlassJaccardIndex(k, average="none"),
+                   "precision": MulticlassPrecision(k, average="none"),
+                   "recall": MulticlassRecall(k, average="none"),
+                   "confusion": ConfusionPerSample(k)}
+        if self.regions:
+            metrics["regions"] = RegionOverlap(self.regions, hd95=self.hd95 and stage == "test")
+        return metrics
 
     # -- training -------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -191,7 +230,9 @@ class SegmentationTask(SciMLTask):
             return self._split(self.model(x))[0]
         return self.inferer(x, lambda patch: self._split(self.model(patch))[0])
 
-    def _evaluate(self, batch, stage: str) -> None:
+    def evaluate_batch(self, batch, stage: str) -> None:
+        if "y" not in batch:  # an unlabelled file is predicted, not scored
+            return
         x, y, spacing = batch["x"], batch["y"], batch.get("spacing")
         labeled = batch.get("labeled")
         if labeled is not None:  # unlabelled rows cannot be scored
@@ -200,52 +241,82 @@ class SegmentationTask(SciMLTask):
             x, y = x[labeled], y[labeled]
             spacing = None if spacing is None else spacing[labeled]
         logits = self.segment(x)
-        self.losses[stage].update(self.segmentation_loss(logits, y), weight=len(x))
+        metrics = self.metrics[stage]
+        metrics["loss"].update(self.segmentation_loss(logits, y), weight=len(x))
         pred = logits.argmax(1)
-        self.metrics[stage].update(pred, y)
-        if self.regions is not None:
-            self.regions[stage].update(pred, y, spacing)
-
-    def _log_epoch(self, stage: str) -> None:
-        if not self.losses[stage].update_called:  # no labelled rows (unlabelled files are predicted, not scored)
-            return
-        values = self.epoch_metrics(stage)
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
-        self.losses[stage].reset()
-        self.metrics[stage].reset()
+        for name in ("iou", "precision", "recall", "confusion"):
+            metrics[name].update(pred, y)
+        if "regions" in metrics:
+            metrics["regions"].update(pred, y, spacing)
 
     def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
-        per_class = self.metrics[stage].compute()
-        values = {"loss": self.losses[stage].compute().float(), "miou": per_class["iou"].float().mean()}
+        """IoU per class and their mean over the classes present in the labels or the predictions (a class absent
+        from both has no IoU: NaN, with a warning entry), precision and recall per foreground class, the regions'
+        Dice and HD95."""
+        if not self.evaluated(stage):
+            return {}
+        metrics = self.metrics[stage]
+        confusion = metrics["confusion"].total()
+        present = (confusion.sum(0) + confusion.sum(1)) > 0  # in the labels or the predictions
+        iou = metrics["iou"].compute().float()
+        iou = torch.where(present.to(iou.device), iou, torch.nan)
+        values = {"loss": metrics["loss"].compute().float(), "miou": iou.nanmean()}
+        precision, recall = metrics["precision"].compute().float(), metrics["recall"].compute().float()
         for i, name in enumerate(self.class_names):
-            values[f"iou_{name}"] = per_class["iou"][i].float()
+            values[f"iou_{name}"] = iou[i]
             if i > 0:
-                values[f"precision_{name}"] = per_class["precision"][i].float()
-                values[f"recall_{name}"] = per_class["recall"][i].float()
-        if self.regions is not None:
-            values |= {k: v.float() for k, v in self.regions[stage].compute().items()
-                       if math.isfinite(float(v))}
+                # precision of a class never predicted stays torchmetrics' 0 (the convention); recall needs the class
+                # in the labels
+                values[f"precision_{name}"] = precision[i] if present[i] else torch.tensor(torch.nan)
+                values[f"recall_{name}"] = recall[i] if confusion[i].sum() > 0 else torch.tensor(torch.nan)
+        if "regions" in metrics:
+            values |= {k: v.float() for k, v in metrics["regions"].compute().items()}
+        if not self._sanity_checking() and confusion.sum() > 0 and confusion[1:].sum() == 0:
+            self.warn(f"{stage}/miou", f"the labels of {self.split_description(stage)} contain only background "
+                                       f"({self.class_names[0]}): the foreground scores say nothing")
         return values
 
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val")
+    def undefined_reason(self, stage: str, name: str) -> str:
+        cls = name.split("_", 1)[1] if "_" in name else name
+        if name.startswith("recall_"):
+            return f"class {cls} is not in the labels"
+        if name.startswith(("iou_", "precision_")):
+            return f"class {cls} is in neither the labels nor the predictions"
+        if name.startswith(("dice_", "hd95_")):
+            return f"region {cls} is in neither the labels nor the predictions of any case"
+        return super().undefined_reason(stage, name)
 
-    def on_validation_epoch_end(self):
-        self._log_epoch("val")
-        if self.regions is not None:
-            self.regions["val"].reset()
+    def test_report(self):
+        metrics = self.metrics["test"]
+        confusion = metrics["confusion"].per_sample()  # collectives under DDP: every rank calls them
+        per_case = metrics["regions"].synced_per_case() if "regions" in metrics else {}
+        if self.bootstrap:
+            self._log_intervals(confusion, per_case)
+        if self.trainer.is_global_zero and per_case:
+            self._write_per_case(per_case)
 
-    def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test")
+    def _log_intervals(self, confusion: torch.Tensor, per_case: dict[str, torch.Tensor]) -> None:
+        """Bootstrap intervals: IoU from resampled samples (time steps, slices or volumes: the rows of the test
+        split), Dice and HD95 from resampled cases."""
+        from sciml.bootstrap import intervals
 
-    def on_test_epoch_end(self):
-        self._log_epoch("test")
-        if self.regions is not None:
-            with self.regions["test"].sync_context():  # every rank's cases: a collective, every rank calls it
-                per_case = self.regions["test"].per_case()
-            if self.trainer.is_global_zero and per_case:
-                self._write_per_case(per_case)
-            self.regions["test"].reset()
+        def iou_of(units):
+            total = confusion[torch.as_tensor(units)].sum(0).double()
+            tp = total.diagonal()
+            union = total.sum(0) + total.sum(1) - tp
+            iou = torch.where(union > 0, tp / union.clamp(min=1), torch.nan)
+            return {"miou": float(iou.nanmean()), **{f"iou_{n}": float(iou[i]) for i, n in
+                                                      enumerate(self.class_names)}}
+
+        ci = intervals(iou_of, len(confusion), self.bootstrap, self.bootstrap_seed, self.confidence)
+        if per_case:
+            columns = {k: v.double().cpu() for k, v in per_case.items()}
+            n = len(next(iter(columns.values())))
+            ci |= intervals(lambda units: {k: float(v[torch.as_tensor(units)].nanmean()) for k, v in columns.items()},
+                            n, self.bootstrap, self.bootstrap_seed, self.confidence)
+        for name, (low, high) in ci.items():
+            if low == low and high == high:
+                self.log_dict({f"test/{name}_ci_low": low, f"test/{name}_ci_high": high})
 
     def _write_per_case(self, per_case: dict[str, torch.Tensor]) -> None:
         """test_per_case.csv in the run directory: one row per test case, in test order (rank order under DDP)."""
