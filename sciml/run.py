@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sciml.distributed import launch  # also registers strategy "hybrid" with Lightning
 from sciml.errors import SciMLError
+from sciml.threads import configure_threads
 
 log = logging.getLogger("sciml")
 
@@ -50,6 +51,7 @@ def run(cfg: DictConfig) -> float | None:
         if key not in cfg:
             raise SciMLError(f"the config has no '{key}': select a plugin with +plugin=NAME")
     out = Path(cfg.paths.output_dir)
+    configure_threads(cfg.get("threads", "auto"), cfg.trainer.get("devices"))  # before any torch work
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)

@@ -83,7 +83,7 @@ class RegressionTask(SciMLTask):
     def training_step(self, batch, batch_idx):
         mean, log_var = self._split(self(batch["x"]))
         loss = self._loss(mean, log_var, self._target(batch["y"]), batch.get("w"))
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(mean))
+        self.log_train_loss(loss, batch_size=len(mean))
         return loss
 
     def _evaluate(self, batch, stage):
@@ -112,7 +112,7 @@ class RegressionTask(SciMLTask):
 
     def test_step(self, batch, batch_idx):
         mean, _ = self._evaluate(batch, "test")
-        self._test_pairs.append((mean.detach().flatten().cpu(), batch["y"].detach().float().flatten().cpu()))
+        self._test_pairs.append((mean.detach().float().flatten().cpu(), batch["y"].detach().float().flatten().cpu()))
 
     def on_test_epoch_end(self):
         self._log_epoch("test")
@@ -127,7 +127,7 @@ class RegressionTask(SciMLTask):
             out["std"] = std
         if "index" in batch:
             out["index"] = batch["index"]
-        return {k: v.detach().cpu() for k, v in out.items()}
+        return self.to_host(out)
 
 
 def plot_regression(predicted, observed, path, name: str = "target") -> None:
