@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from markers import replace_block  # noqa: E402
 
+from sciml.callbacks import SpeedOptions  # noqa: E402
 from sciml.threads import configure_threads  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
@@ -136,7 +137,7 @@ def compose(plugin: str, overrides: list[str]):
 
 
 def measure(plugin: str, precision: str, device: torch.device, warmup: int, steps: int,
-            overrides: list[str]) -> dict:
+            overrides: list[str], channels_last: bool = False, compile: bool = False) -> dict:
     from hydra.utils import instantiate
 
     cfg = compose(plugin, overrides)
@@ -148,7 +149,8 @@ def measure(plugin: str, precision: str, device: torch.device, warmup: int, step
     trainer = pl.Trainer(accelerator=device.type if device.type != "cuda" else "gpu", devices=1,
                          precision=PRECISIONS[precision], max_steps=warmup + steps, max_epochs=-1,
                          limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[meter],
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[meter, SpeedOptions(channels_last=channels_last, compile=compile)],
                          default_root_dir=cfg.paths.output_dir)
     trainer.fit(task, datamodule=datamodule)
     window = meter.stop - meter.start

@@ -161,3 +161,45 @@ class TrainingCurves(pl.Callback):
 
     def load_state_dict(self, state_dict):
         self.history = defaultdict(list, state_dict.get("history", {}))
+
+
+class SpeedOptions(pl.Callback):
+    """Opt-in speed options for the network, set per run (`callbacks.speed.channels_last=true`, `...compile=true`);
+    docs/performance.md has what each one gains per plugin.
+
+    - `channels_last`: the network's 4-d weights and every 4-d input batch `x` in channels-last memory layout (the
+      layout oneDNN and cuDNN convolutions run fastest in).
+    - `compile`: `torch.compile` the network in place (`nn.Module.compile`: the parameter names, hence checkpoints,
+      stay those of the plain network). The first steps pay the compilation.
+    """
+
+    def __init__(self, channels_last: bool = False, compile: bool = False, compile_mode: str | None = None):
+        self.channels_last, self.compile, self.compile_mode = channels_last, compile, compile_mode
+        self._done = False
+
+    def setup(self, trainer, pl_module, stage):
+        if self._done:
+            return
+        network = getattr(pl_module, "model", pl_module)
+        if self.channels_last:
+            network.to(memory_format=torch.channels_last)
+        if self.compile:
+            network.compile(mode=self.compile_mode)
+        self._done = True
+
+    def _convert(self, batch):
+        if self.channels_last and isinstance(batch, dict) and isinstance(batch.get("x"), torch.Tensor) \
+                and batch["x"].ndim == 4:
+            batch["x"] = batch["x"].contiguous(memory_format=torch.channels_last)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._convert(batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._convert(batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._convert(batch)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._convert(batch)
