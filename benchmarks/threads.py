@@ -67,7 +67,7 @@ def main() -> None:
     lines.append("")
     lines.append(f"`{args.plugin}`, 1 epoch, {args.rounds} interleaved rounds, load average at the end "
                  f"{load[0]:.1f} on {os.cpu_count()} CPUs. Command: `PYTHONPATH=. python benchmarks/threads.py "
-                 f"--rounds {args.rounds}`.")
+                 f"--rounds {args.rounds} {' '.join(args.extra)}`.".replace(" `", "`"))
     table = "\n".join(lines)
     print(table)
     if args.out:
