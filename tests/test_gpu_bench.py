@@ -1,7 +1,6 @@
 """benchmarks/gpu_bench.py in its --cpu mode (what `benchmarks/gpu.sh --cpu` runs) on one plugin with tiny
 settings, and the GPU path where a GPU is present."""
 import sys
-from pathlib import Path
 
 import pytest
 import torch

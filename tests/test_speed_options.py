@@ -1,6 +1,5 @@
 """The opt-in speed options (callbacks.speed): channels-last layout and torch.compile keep the network's results
 and parameter names (checkpoints load into the plain network)."""
-import pytorch_lightning as pl
 import torch
 
 from sciml.callbacks import SpeedOptions
