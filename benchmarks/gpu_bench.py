@@ -184,6 +184,14 @@ def not_measured_table() -> str:
     return "\n".join(lines) + "\n\nNo GPU has run this benchmark yet: run `benchmarks/gpu.sh` on one."
 
 
+def gpu_block(doc: Path) -> str:
+    """The text of the GPU block of `doc` ('' when there is none)."""
+    text = doc.read_text() if doc.exists() else ""
+    if "<!-- gpu:begin -->" not in text:
+        return ""
+    return text.split("<!-- gpu:begin -->", 1)[1].split("<!-- gpu:end -->", 1)[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="run on CPU (a check of the script)")
@@ -222,8 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.cpu:
         replace_block(args.out, "gpu_cpu_check", text)
-        existing = args.out.read_text() if args.out.exists() else ""
-        if "<!-- gpu:begin -->" not in existing:
+        if not gpu_block(args.out).strip() or NOT_MEASURED in gpu_block(args.out):  # never over real GPU numbers
             replace_block(args.out, "gpu", not_measured_table())
     else:
         replace_block(args.out, "gpu", text)

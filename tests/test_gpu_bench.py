@@ -15,7 +15,7 @@ TINY = ["model.image_size=16", "model.widths=[8,8]", "model.hidden=16", "data.ba
 def test_cpu_mode_writes_the_tables(tmp_path):
     data = write_h5(tmp_path / "images.h5", n=128)
     doc = tmp_path / "performance.md"
-    doc.write_text("# Performance\n\nprose that stays\n")
+    doc.write_text("# Performance\n\nprose that stays\n<!-- gpu:begin -->\n<!-- gpu:end -->\n")
     gpu_bench.main(["--cpu", "--plugins", "hep", "--warmup", "1", "--steps", "2", "--matmul-size", "256",
                     "--out", str(doc), f"data.path={data}", *TINY])
     text = doc.read_text()
