@@ -42,18 +42,72 @@ class Throughput(pl.Callback):
 class StopOnDivergence(pl.Callback):
     """Stops with a clear error when the training loss stops being finite.
 
-    It raises at once, before any checkpoint of the diverged weights is written, so `checkpoints/last.ckpt`
-    stays the last good one.
+    Reading the loss on the host every step would synchronise an accelerator with the host every step. Instead the
+    first non-finite loss (its value, epoch and step) is recorded on the loss's device, without a synchronisation,
+    and read every `check_every_n_steps` steps, before every validation, at each training epoch end and before
+    every checkpoint is written. The error is raised before any checkpoint of diverged weights is saved, so
+    `checkpoints/last.ckpt` stays the last good one.
+
+    Args:
+        check_every_n_steps: how often the flag is read; None: every step on CPU (a read costs nothing there),
+            every 100 steps on accelerators.
     """
+
+    def __init__(self, check_every_n_steps: int | None = None):
+        if check_every_n_steps is not None and check_every_n_steps < 1:
+            raise SciMLError(f"callbacks.divergence.check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        self.check_every_n_steps = check_every_n_steps
+        self._first_bad: torch.Tensor | None = None  # (loss, epoch, step) of the first non-finite loss; step -1: none
+
+    def on_train_start(self, trainer, pl_module):
+        self._first_bad = None
+
+    def _every(self, device: torch.device) -> int:
+        if self.check_every_n_steps is not None:
+            return self.check_every_n_steps
+        return 1 if device.type == "cpu" else 100
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
-            ckpt = trainer.checkpoint_callback
-            last = Path(ckpt.dirpath) / "last.ckpt" if ckpt and ckpt.dirpath else None
-            kept = f"last good checkpoint kept: {last}" if last and last.is_file() else "no checkpoint was written yet"
-            raise SciMLError(f"training diverged: loss is {loss.item()} at epoch {trainer.current_epoch} "
-                             f"step {trainer.global_step}; {kept}. Lower optimizer.lr or add warm-up.")
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss = loss.detach().float()
+        if self._first_bad is None or self._first_bad.device != loss.device:
+            self._first_bad = torch.tensor([0.0, -1.0, -1.0], device=loss.device, dtype=torch.float64)
+        new = ~torch.isfinite(loss).all() & (self._first_bad[2] < 0)  # stays on the device: no synchronisation
+        # torch.full fills on the device; torch.tensor(value, device=...) would be a synchronising copy
+        here = torch.stack([loss.reshape(-1)[0].double()] + [
+            torch.full((), float(v), device=loss.device, dtype=torch.float64)
+            for v in (trainer.current_epoch, trainer.global_step)])
+        self._first_bad = torch.where(new, here, self._first_bad)
+        if (batch_idx + 1) % self._every(loss.device) == 0:
+            self.check(trainer)
+
+    def check(self, trainer) -> None:
+        """Raise if a non-finite loss was recorded (one host read)."""
+        if self._first_bad is None:
+            return
+        loss, epoch, step = self._first_bad.tolist()
+        if step < 0:
+            return
+        ckpt = trainer.checkpoint_callback
+        last = Path(ckpt.dirpath) / "last.ckpt" if ckpt and ckpt.dirpath else None
+        kept = f"last good checkpoint kept: {last}" if last and last.is_file() else "no checkpoint was written yet"
+        raise SciMLError(f"training diverged: loss is {loss} at epoch {int(epoch)} step {int(step)}; {kept}. "
+                         "Lower optimizer.lr or add warm-up.")
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn == "fit":
+            self.check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.check(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.check(trainer)  # before the file is written: never a checkpoint of diverged weights
+
+    def on_train_end(self, trainer, pl_module):
+        self.check(trainer)
 
 
 class TrainingCurves(pl.Callback):
@@ -141,3 +195,45 @@ class RNGState(pl.Callback):
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         version, state, python_gauss = state_dict["python"]
         random.setstate((version, tuple(state), python_gauss))
+
+
+class SpeedOptions(pl.Callback):
+    """Opt-in speed options for the network, set per run (`callbacks.speed.channels_last=true`, `...compile=true`);
+    docs/performance.md has what each one gains per plugin.
+
+    - `channels_last`: the network's 4-d weights and every 4-d input batch `x` in channels-last memory layout (the
+      layout oneDNN and cuDNN convolutions run fastest in).
+    - `compile`: `torch.compile` the network in place (`nn.Module.compile`: the parameter names, hence checkpoints,
+      stay those of the plain network). The first steps pay the compilation.
+    """
+
+    def __init__(self, channels_last: bool = False, compile: bool = False, compile_mode: str | None = None):
+        self.channels_last, self.compile, self.compile_mode = channels_last, compile, compile_mode
+        self._done = False
+
+    def setup(self, trainer, pl_module, stage):
+        if self._done:
+            return
+        network = getattr(pl_module, "model", pl_module)
+        if self.channels_last:
+            network.to(memory_format=torch.channels_last)
+        if self.compile:
+            network.compile(mode=self.compile_mode)
+        self._done = True
+
+    def _convert(self, batch):
+        if self.channels_last and isinstance(batch, dict) and isinstance(batch.get("x"), torch.Tensor) \
+                and batch["x"].ndim == 4:
+            batch["x"] = batch["x"].contiguous(memory_format=torch.channels_last)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._convert(batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._convert(batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._convert(batch)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._convert(batch)

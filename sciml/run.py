@@ -24,6 +24,7 @@ from sciml import config_check, rundir, signals
 from sciml.data import DataModule, PredictionWriter
 from sciml.distributed import launch
 from sciml.errors import SciMLError
+from sciml.threads import configure_threads
 
 log = logging.getLogger("sciml")
 
@@ -66,6 +67,7 @@ def run(cfg: DictConfig) -> float | None:
             raise SciMLError(f"the config has no '{key}': select a plugin with +plugin=NAME")
     config_check.check(cfg)  # keys and value types, before anything is built or read
     out = Path(cfg.paths.output_dir)
+    configure_threads(cfg.get("threads", "auto"), cfg.trainer.get("devices"))  # before any torch work
     cfg = with_checkpoint_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
 

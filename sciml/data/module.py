@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
 
 
-def memory_budget_bytes() -> float:
+def memory_budget_bytes(devices=None) -> float:
     """Bytes this process may fill with data rows: half of what it may really use (its cgroup limit or the memory
-    available, whichever is smaller), divided among the ranks on the node."""
-    from sciml.resources import usable_memory_bytes
+    available, whichever is smaller), divided among the ranks on the node; the other half is headroom for the
+    network, activations, loaders and Python."""
+    from sciml.resources import local_ranks, usable_memory
 
-    return 0.5 * usable_memory_bytes()
+    return 0.5 * usable_memory(local_ranks(devices)[0]).bytes
 
 
 class DataModule(pl.LightningDataModule):
@@ -214,7 +215,7 @@ class DataModule(pl.LightningDataModule):
 
     def _budget(self) -> float:
         if self.max_memory_gb == "auto":
-            return memory_budget_bytes()
+            return memory_budget_bytes(self.trainer.num_devices if self.trainer is not None else None)
         return float(self.max_memory_gb) * 2**30
 
     def _hold_in_memory(self, stage: str) -> None:

@@ -264,6 +264,19 @@ class SciMLTask(pl.LightningModule):
                                       "could be computed; give it data (e.g. more files, or a larger data.*_fraction)"
                                       + (" or set trainer.limit_val_batches=0" if split == "val" else ""))
 
+    def log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """`train/loss` per step and per epoch. In the progress bar only on CPU: a per-step progress-bar value is
+        read on the host after every step (Lightning's `convert_tensors_to_scalars`), a synchronisation that stalls
+        an accelerator's queue; on CPU the read costs nothing."""
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=self.device.type == "cpu",
+                 batch_size=batch_size)
+
+    @staticmethod
+    def to_host(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Predict-step outputs on the host; floating point as float32, since the bf16/fp16 outputs of mixed
+        precision have no numpy type (prediction writers use numpy)."""
+        return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in outputs.items()}
+
     @property
     def global_batch_size(self) -> int:
         per_device = getattr(self.trainer.datamodule, "batch_size", None)

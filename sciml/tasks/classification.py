@@ -44,7 +44,7 @@ class ClassificationTask(SciMLTask):
     def training_step(self, batch, batch_idx):
         logits = self(batch["x"])
         loss = self.loss(logits, batch["y"], batch.get("w"))
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        self.log_train_loss(loss, batch_size=len(logits))
         return loss
 
     def evaluate_batch(self, batch, stage):
@@ -159,4 +159,4 @@ class ClassificationTask(SciMLTask):
             out["weight"] = batch["w"]
         if "index" in batch:
             out["index"] = batch["index"]
-        return {k: v.detach().cpu() for k, v in out.items()}
+        return self.to_host(out)

@@ -87,7 +87,7 @@ class RegressionTask(SciMLTask):
     def training_step(self, batch, batch_idx):
         mean, log_var = self._split(self(batch["x"]))
         loss = self.loss(mean, log_var, self._target(batch["y"]), batch.get("w"))
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(mean))
+        self.log_train_loss(loss, batch_size=len(mean))
         return loss
 
     def evaluate_batch(self, batch, stage):
@@ -127,7 +127,7 @@ class RegressionTask(SciMLTask):
             out["std"] = std
         if "index" in batch:
             out["index"] = batch["index"]
-        return {k: v.detach().cpu() for k, v in out.items()}
+        return self.to_host(out)
 
 
 class Pairs(Metric):
@@ -151,7 +151,7 @@ class Pairs(Metric):
     def values(self) -> tuple[np.ndarray, np.ndarray]:
         """(predicted, observed) over all ranks: a collective call under DDP."""
         with self.sync_context():
-            return tuple(dim_zero_cat(s).cpu().numpy() if len(s) else np.zeros(0)
+            return tuple(dim_zero_cat(s).float().cpu().numpy() if len(s) else np.zeros(0)  # bf16 has no numpy type
                          for s in (self.predicted, self.observed))
 
 

@@ -220,7 +220,7 @@ class SegmentationTask(SciMLTask):
             recon_loss = F.mse_loss(reconstruction, x)
             self.log("train/reconstruction_loss", recon_loss, on_step=False, on_epoch=True, batch_size=len(x))
             loss = loss + self.reconstruction_weight * recon_loss
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self.log_train_loss(loss, batch_size=len(x))
         return loss
 
     # -- evaluation -----------------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ class SegmentationTask(SciMLTask):
             out["probability"] = logits.softmax(1)
         if "index" in batch:
             out["index"] = batch["index"]
-        return {k: v.detach().cpu() for k, v in out.items()}
+        return self.to_host(out)
 
 
 def inverse_sqrt_frequency(frequencies: torch.Tensor) -> torch.Tensor:
