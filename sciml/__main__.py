@@ -3,6 +3,8 @@
     python -m sciml +plugin=NAME [overrides]         train, test and predict (Hydra; `-m` for sweeps)
     python -m sciml predict CKPT INPUT... [-o DIR] [overrides]
                                                      predict (and score, when labelled) files with a checkpoint
+    python -m sciml export CKPT --format onnx|torchscript [-o FILE]
+                                                     the network with its input normalisation, for use outside sciml
     python -m sciml --list-plugins
 """
 from __future__ import annotations
@@ -193,6 +195,10 @@ def main() -> None:
         from sciml.compare import main as compare
 
         sys.exit(compare(argv[1:]))
+    if argv[:1] == ["export"]:
+        from sciml.export import main as export
+
+        sys.exit(export(argv[1:]))
     if argv[:1] in (["--help"], ["-h"]):
         print(USAGE.format(plugins=", ".join(plugins.installed()) or "none"))
     try:
