@@ -87,6 +87,8 @@ def test_onnx_and_torchscript_match_pytorch(checkpoint, tmp_path):
     kind, normalizer, network, shape = reference(path)
     # Raw rows on the scale of the data (energies, Kelvin, mm): the normaliser's work shows in the output.
     x = (torch.rand(5, *shape, generator=torch.Generator().manual_seed(0)) * 100).numpy()
+    if name == "storms":
+        x[0, 3] = np.nan  # a missing value: the storm normaliser fills it inside the graph
     with torch.no_grad():
         expected = network(normalizer(torch.from_numpy(x))).numpy()
         unnormalised = network(torch.from_numpy(x)).numpy()
