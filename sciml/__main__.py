@@ -141,6 +141,7 @@ def launch_id(default: str) -> str:
 
 
 def register_resolvers() -> None:
+    """Register sciml's OmegaConf resolvers (`sciml.launch_id`)."""
     # At import as well as in main(): launchers that run jobs in other processes (Ray workers, submitit's SLURM
     # jobs) unpickle the task function from this module and then resolve the job's config, which needs the resolver
     # registered there too (its cached value comes with the config).

@@ -111,7 +111,8 @@ def saved_config(path: str | Path) -> dict | None:
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as exc:
-        raise SciMLError(f"ckpt_path: '{path}' is not a readable Lightning checkpoint ({type(exc).__name__}: {exc})")
+        raise SciMLError(f"ckpt_path: '{path}' is not a readable Lightning checkpoint ({type(exc).__name__}: {exc})") \
+            from None
     return checkpoint.get(CHECKPOINT_KEY)
 
 

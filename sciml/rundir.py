@@ -52,6 +52,7 @@ class DiskFull(SciMLError):
 
 
 def last_checkpoint(out: Path) -> Path:
+    """The run's last checkpoint (present or not)."""
     return Path(out) / "checkpoints" / "last.ckpt"
 
 
@@ -100,6 +101,7 @@ def _disk_full(exc: BaseException | None) -> int | None:
 
 
 def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically (see `atomic_write`)."""
     atomic_write(path, lambda f: f.write(text.encode()))
 
 

@@ -122,4 +122,5 @@ def _requeue(job: str) -> int | str:
 
 
 def stopped_by_signal(exc: BaseException) -> bool:
+    """Whether `exc` is Lightning's exception for a run stopped by SIGTERM."""
     return isinstance(exc, SIGTERMException)

@@ -92,7 +92,7 @@ def configure_threads(setting="auto", devices=None) -> int:
     if isinstance(setting, str) and setting.lower() == "auto":
         threads, reason = auto_threads(devices)
     elif isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
-        threads, reason = setting, "threads=%d" % setting
+        threads, reason = setting, f"threads={setting}"
     elif isinstance(setting, str) and setting.isdigit() and int(setting) > 0:
         threads, reason = int(setting), f"threads={setting}"
     else:

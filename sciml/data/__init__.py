@@ -10,6 +10,7 @@ from sciml.data.sampler import EpochLoader, EpochShuffle
 from sciml.data.splits import shard, split
 from sciml.data.store import RowStore
 
-__all__ = ["DataModule", "EpochLoader", "EpochShuffle", "FileInfo", "Identity", "MaxScale", "Normalizer", "PredictionWriter",
+__all__ = ["DataModule", "EpochLoader", "EpochShuffle", "FileInfo", "Identity", "MaxScale", "Normalizer",
+           "PredictionWriter",
            "Reader", "RowStore", "Rows", "Standardize", "TensorDictDataset", "as_tensors", "find_files", "keep_batch",
            "shard", "split"]

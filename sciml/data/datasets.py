@@ -18,6 +18,7 @@ def keep_batch(batch):
 
 
 def as_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """numpy arrays as tensors sharing their memory (made contiguous where needed)."""
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 

@@ -57,6 +57,8 @@ def _channel_axes(x: np.ndarray) -> tuple[int, ...]:
 
 
 class Identity(Normalizer):
+    """No normalisation (`data.normalize: none`)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 

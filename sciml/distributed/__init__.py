@@ -13,7 +13,6 @@ from sciml.distributed.hybrid import HybridStrategy
 from sciml.distributed.launch import install as _install_launch
 
 
-
 def setup() -> None:
     """Register the hybrid strategy with Lightning and patch Lightning's DDP launcher for Hydra (idempotent)."""
     if HybridStrategy.strategy_name not in StrategyRegistry:

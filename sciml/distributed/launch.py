@@ -56,9 +56,9 @@ _app_command: list[str] | None = None
 def app_command() -> list[str]:
     """The interpreter, the application (`-m module` or script) and the config flags of this process's command line,
     without the overrides: what a child rank of a job runs."""
-    import __main__
-
     from hydra.utils import to_absolute_path
+
+    import __main__
 
     if _app_command is not None:
         return list(_app_command)
@@ -85,8 +85,6 @@ def hydra_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
     `_hydra_subprocess_cmd`, same signature)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd
-
-    import __main__
 
     hydra_cfg = HydraConfig.get()
     command = app_command()

@@ -18,6 +18,7 @@ PLUGIN_MODULE = "hydra_plugins.sciml_launchers"
 
 
 def register() -> None:
+    """Make `hydra/launcher=ray_jobs` available to Hydra when hydra-ray-launcher is installed."""
     if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
         return
     from sciml.launchers.ray_jobs import RayJobsLauncher
@@ -27,5 +28,5 @@ def register() -> None:
         module = types.ModuleType(PLUGIN_MODULE, __doc__)
         module.RayJobsLauncher = RayJobsLauncher
         sys.modules[PLUGIN_MODULE] = module
-        setattr(namespace, "sciml_launchers", module)
+        namespace.sciml_launchers = module
     Plugins.instance().register(RayJobsLauncher)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
@@ -47,6 +48,9 @@ class RayLaunchRefused(CompactHydraException):
 
 
 class RayJobsLauncher(RayLauncher):
+    """hydra-ray-launcher's launcher, running each job (DDP jobs included) in a Ray task and recording jobs whose
+    worker died."""
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import ray  # here, not at import: `python -m sciml` registers this launcher on every start
 
