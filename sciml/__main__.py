@@ -26,6 +26,8 @@ def _own_package() -> None:
         return
     here = Path(__file__).resolve().parent
     spec = importlib.util.spec_from_file_location("sciml", here / "__init__.py", submodule_search_locations=[str(here)])
+    if spec is None or spec.loader is None:
+        return
     module = importlib.util.module_from_spec(spec)
     sys.modules["sciml"] = module
     spec.loader.exec_module(module)
@@ -337,7 +339,8 @@ def _add_plus_for_target_keys(argv: list[str]) -> list[str]:
         except SciMLError:
             continue
         if key in params:
-            out[out.index(override.input_line)] = "+" + override.input_line
+            line = str(override.input_line)  # set for every override parsed from a command line
+            out[out.index(line)] = "+" + line
     return out
 
 

@@ -96,7 +96,7 @@ def load_baseline(path: Path) -> dict:
     tensors = [torch.as_tensor(a, dtype=torch.float64) for a in (score, label, weight)]
     tensors[1] = tensors[1].long()
     fpr, tpr = weighted_roc(*tensors)
-    values = binary_values(*tensors)
+    values = binary_values(tensors[0], tensors[1], tensors[2])
     return {"name": f"baseline ({path.name})", "metrics": {f"test/{k}": v for k, v in values.items()},
             "roc": (fpr.numpy(), tpr.numpy())}
 

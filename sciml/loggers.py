@@ -66,7 +66,7 @@ class CSVLogger(_CSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuedWriter(self.log_dir, self._resume_step)
-        return self._experiment
+        return self._experiment  # type: ignore[return-value]  # Lightning types the slot as its private base
 
 
 class TensorBoardLogger(_TensorBoardLogger):

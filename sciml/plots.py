@@ -63,8 +63,8 @@ def plot_score_distributions(train, test, path: Path, signal: str = "signal", ba
             continue
         p = float(ks_2samp(s_train, s_test).pvalue)
         pvalues[name] = p
-        ax.hist(s_train, bins=edges, weights=w_train, density=True, histtype="stepfilled", alpha=0.3, color=colour,
-                label=f"{name} (training)")
+        ax.hist(s_train, bins=edges.tolist(), weights=w_train, density=True, histtype="stepfilled", alpha=0.3,
+                color=colour, label=f"{name} (training)")
         counts, _ = np.histogram(s_test, bins=edges, weights=w_test)
         raw, _ = np.histogram(s_test, bins=edges)
         norm = counts.sum() * np.diff(edges)

@@ -187,7 +187,7 @@ class RunLock:
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
-        flat = {}
+        flat: dict[str, Any] = {}
         for key, value in node.items():
             flat |= _flatten(value, f"{prefix}{key}.")
         return flat if flat or not prefix else {prefix[:-1]: {}}

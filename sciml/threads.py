@@ -34,7 +34,7 @@ def busy_cpus(cpus: set[int] | None = None, interval: float = 0.3, proc: Path = 
     """How many of `cpus` (default: this process's affinity) other work keeps busy, in CPUs, from two samples of
     /proc/stat `interval` seconds apart (this process sleeps in between, so the load is someone else's)."""
     def sample() -> dict[int, tuple[int, int]]:
-        stats = {}
+        stats: dict[int, tuple[int, int]] = {}
         try:
             lines = (proc / "stat").read_text().splitlines()
         except OSError:

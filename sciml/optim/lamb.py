@@ -190,7 +190,7 @@ def _foreach_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, clip, group) -> N
         vs = [exp_avg_sqs[i] for i in idx]
         bc1, bc2_sqrt = zip(*(_bias_corrections(group, steps[i]) for i in idx))
         if clip is not None:
-            gs = torch._foreach_div(gs, clip.to(ps[0].device))
+            gs = list(torch._foreach_div(gs, clip.to(ps[0].device)))
 
         if group["grad_averaging"]:
             torch._foreach_lerp_(ms, gs, 1.0 - beta1)

@@ -65,7 +65,8 @@ def _buckets(tensors: list[Tensor], cpu_chunk: int | None = None) -> list[list[i
         if cpu_chunk is None or device.type != "cpu":
             buckets.append(idx)
             continue
-        run, size = [], 0
+        run: list[int] = []
+        size = 0
         for i in idx:
             if run and size + tensors[i].numel() > cpu_chunk:
                 buckets.append(run)
@@ -81,7 +82,7 @@ def _norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32))
 
 
-def _norms(tensors: list[Tensor]) -> Tensor:
+def _norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """L2 norms of same-device, same-dtype tensors as one 1-d tensor, without host synchronisation."""
     dtype = tensors[0].dtype
     if tensors[0].device.type == "cpu" and dtype in (torch.float32, torch.float64):
@@ -99,7 +100,8 @@ def lars_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ``lars_exclude=True`` and no weight decay; all others get ``weight_decay``. Parameters with
     ``requires_grad=False`` are skipped. The groups also suit :class:`sciml.optim.LAMB`.
     """
-    decay, excluded = [], []
+    decay: list[nn.Parameter] = []
+    excluded: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (excluded if p.ndim <= 1 else decay).append(p)
@@ -259,6 +261,7 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], states: list[
     weight_decay, lr_out, lr_in = _hyper(group)
     momentum, nesterov = group["momentum"], group["nesterov"]
     for p, g, state in zip(params, grads, states):
+        scale: float | Tensor
         if group["lars_exclude"]:
             scale = lr_in
         else:
