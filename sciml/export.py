@@ -141,8 +141,9 @@ def _onnx(model: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str
     import onnx
 
     buffer = io.BytesIO()
-    torch.onnx.export(model, (example,), buffer,  # type: ignore[arg-type]  # file-likes work; the stub says path input_names=["x"], output_names=["y"], opset_version=OPSET,
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
+    # A file-like `f` works with the TorchScript exporter; the stub only lists paths.
+    torch.onnx.export(model, (example,), buffer, input_names=["x"], output_names=["y"],  # type: ignore[arg-type]
+                      opset_version=OPSET, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
     proto = onnx.load_from_string(buffer.getvalue())
     for key, value in metadata.items():
         proto.metadata_props.add(key=f"sciml_{key}", value=value)
