@@ -141,9 +141,12 @@ def measure(plugin: str, precision: str, device: torch.device, warmup: int, step
             overrides: list[str], channels_last: bool = False, compile: bool = False) -> dict:
     from hydra.utils import instantiate
 
+    from sciml.run import hand_shapes_to_model
+
     cfg = compose(plugin, overrides)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    hand_shapes_to_model(cfg, datamodule)  # the data's row shape becomes model.input_shape, as in a run
     task = instantiate(cfg.task, model=instantiate(cfg.model), optimizer=cfg.optimizer, scheduler=cfg.scheduler,
                        _recursive_=False)
     meter = Meter(warmup, steps, device)

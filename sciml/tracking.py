@@ -35,7 +35,8 @@ def log_run(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> 
             if isinstance(logger, MLFlowLogger):
                 _mlflow(logger, params, metrics, out)
             elif isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(params, metrics=metrics)
+                # under final/: at step 0 the plain names would add a point to every training curve
+                logger.log_hyperparams(params, metrics={f"final/{k}": v for k, v in metrics.items()})
                 # its save() keeps the hparams.yaml of the start of fit (the task's settings only)
                 save_hparams_to_yaml(Path(logger.log_dir) / "hparams.yaml", logger.hparams)
             else:

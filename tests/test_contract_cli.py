@@ -68,7 +68,7 @@ def test_predict_scores_labelled_files_and_ddp_counts_every_row_once(trained, ex
                 "trainer.accelerator=cpu", *QUIET, env=example_plugin, timeout=300)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
-    tests = [k for k in m1 if k.startswith("test/")]
+    tests = [k for k in m1 if k.startswith("test/") and "_ci_" not in k]  # intervals resample in gathered order: equal in law, not bitwise
     assert "test/auc" in tests
     for key in tests:
         assert m2[key] == pytest.approx(m1[key], abs=1e-6), key
@@ -90,7 +90,7 @@ def test_reader_keys_are_data_keys_and_unknown_ones_are_named(example_plugin, tm
     result = sciml("+plugin=example", "+data.featurs=4", f"hydra.run.dir={tmp_path / 'r'}", *QUIET,
                    env=example_plugin)
     assert result.returncode != 0
-    assert "data.featurs: unknown key for NpzReader" in result.stdout + result.stderr
+    assert "unknown key data.featurs, did you mean data.features?" in result.stderr
     wrong = blobs(tmp_path / "five.npz", 10, seed=0)
     np.savez(wrong, x=np.zeros((10, 5), np.float32), y=np.zeros(10, np.int64))
     result = sciml("+plugin=example", f"data.path={wrong}", f"hydra.run.dir={tmp_path / 's'}", *QUIET,

@@ -9,7 +9,7 @@ from conftest import ROOT, write_h5
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_bench  # noqa: E402
 
-TINY = ["model.image_size=16", "model.widths=[8,8]", "model.hidden=16", "data.batch_size=16"]
+TINY = ["model.widths=[8,8]", "model.hidden=16", "data.batch_size=16"]
 
 
 def test_cpu_mode_writes_the_tables(tmp_path):

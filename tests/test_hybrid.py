@@ -189,6 +189,9 @@ def test_bad_arguments_fail_clearly(kwargs, message):
 
 
 def test_registered_as_hybrid():
+    from sciml import distributed
+
+    distributed.setup()  # what `python -m sciml` does before Hydra starts
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="hybrid", logger=False)
     assert isinstance(trainer.strategy, HybridStrategy)
     assert (trainer.strategy.group_size, trainer.strategy.sync_period, trainer.strategy.mode) == (1, 4, "periodic")

@@ -24,7 +24,7 @@ def test_hep_bf16(tmp_path):
     run_dir = tmp_path / "run"
     result = sciml("+plugin=hep", f"data.path={data}", f"hydra.run.dir={run_dir}", *FAST, *BF16)
     check(result, run_dir, ("test/auc", "test/loss", "val/auc", "train/loss"))
-    assert (run_dir / "predictions" / "test_scores.h5").is_file()
+    assert (run_dir / "predictions" / "images_scores.h5").is_file()
     assert "threads: " in (run_dir / "hep.log").read_text(), "the thread setting is logged at start"
 
 

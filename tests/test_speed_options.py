@@ -13,7 +13,7 @@ class Stub:
 
 def test_channels_last_same_outputs_and_names():
     torch.manual_seed(0)
-    model = KurthCNN(in_channels=3, image_size=16, widths=[4, 4], hidden=8, dropout=0).eval()
+    model = KurthCNN(input_shape=(3, 16, 16), widths=[4, 4], hidden=8, dropout=0).eval()
     x = torch.rand(2, 3, 16, 16)
     expected, names = model(x), list(model.state_dict())
     options = SpeedOptions(channels_last=True)
@@ -27,7 +27,7 @@ def test_channels_last_same_outputs_and_names():
 
 
 def test_compile_keeps_parameter_names():
-    model = KurthCNN(in_channels=3, image_size=16, widths=[4], hidden=0, dropout=0)
+    model = KurthCNN(input_shape=(3, 16, 16), widths=[4], hidden=0, dropout=0)
     names = list(model.state_dict())
     SpeedOptions(compile=True).setup(None, Stub(model), "fit")
     assert list(model.state_dict()) == names and model._compiled_call_impl is not None

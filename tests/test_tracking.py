@@ -35,4 +35,4 @@ def test_mlflow_and_tensorboard_record_the_run(tmp_path):
     events.Reload()
     hparams = (run_dir / "tensorboard" / "hparams.yaml").read_text()
     assert "widths" in hparams and "num_classes" in hparams, "hparams.yaml holds the run's settings"
-    assert "test/auc" in events.Tags()["scalars"]
+    assert "final/test/auc" in events.Tags()["scalars"], "final metrics under final/, off the training curves"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -112,7 +113,7 @@ class DataModule(pl.LightningDataModule):
         params = _own_parameters(cls)
         reader = node.get("reader")
         if isinstance(reader, str):
-            params |= dict(inspect.signature(get_class(reader)).parameters)
+            params |= _resolved(get_class(reader))
         return params
 
     # -- files and shapes -----------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ class DataModule(pl.LightningDataModule):
 
     def _budget(self) -> float:
         if self.max_memory_gb == "auto":
-            return memory_budget_bytes(self.trainer.num_devices if self.trainer is not None else None)
+            return memory_budget_bytes(getattr(self.trainer, "num_devices", None))
         return float(self.max_memory_gb) * 2**30
 
     def _hold_in_memory(self, stage: str) -> None:
@@ -324,7 +325,7 @@ class DataModule(pl.LightningDataModule):
         if self._resume_at is not None:
             position, self._resume_at = self._resume_at, None
             return position
-        return (self.trainer.current_epoch if self.trainer is not None else 0), 0
+        return getattr(self.trainer, "current_epoch", 0), 0
 
     def train_dataloader(self):
         if self.streamed:
@@ -366,11 +367,11 @@ class DataModule(pl.LightningDataModule):
             {k: v.cpu() for k, v in self.normalizer.state_dict().items()}
         trainer = self.trainer
         position = [trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed] \
-            if trainer is not None and trainer.state.fn == "fit" else None
+            if _fitting(trainer) else None
         return {"normalize": str(self.normalize), "normalizer": state, "position": position}
 
     def load_state_dict(self, state_dict):
-        if state_dict.get("position") is not None and self.trainer is not None and self.trainer.state.fn == "fit":
+        if state_dict.get("position") is not None and _fitting(self.trainer):
             self._resume_at = tuple(state_dict["position"])  # where the training order resumes (EpochLoader)
         self._normalizer_state = state_dict.get("normalizer") or None
         if self.normalizer is not None:
@@ -388,9 +389,24 @@ class DataModule(pl.LightningDataModule):
         self.reader.close()
 
 
+def _fitting(trainer) -> bool:
+    state = getattr(trainer, "state", None)
+    return state is not None and state.fn == "fit"
+
+
+def _resolved(function) -> dict[str, inspect.Parameter]:
+    """A callable's parameters with their annotations evaluated (modules use `from __future__ import annotations`),
+    so that config checks compare values against types, not strings."""
+    try:
+        hints = typing.get_type_hints(function.__init__ if inspect.isclass(function) else function)
+    except Exception:  # noqa: BLE001 -- unresolvable annotations: keep the signature's own
+        hints = {}
+    return {k: p.replace(annotation=hints.get(k, p.annotation))
+            for k, p in inspect.signature(function).parameters.items()
+            if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
 def _own_parameters(cls: type = DataModule) -> dict[str, inspect.Parameter]:
     """The keys of `cls` and of every DataModule class it extends (a plugin's subclass passes the core's on)."""
-    return {k: p for c in reversed(cls.__mro__) if issubclass(c, DataModule)
-            for k, p in inspect.signature(c.__init__).parameters.items()
-            if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {k: p for c in reversed(cls.__mro__) if issubclass(c, DataModule) for k, p in _resolved(c).items()}
 
