@@ -19,6 +19,7 @@ def read(path) -> tuple[dict, dict]:
     with h5py.File(path, "r") as h5:
         arrays = {k: h5[k][...] for k in ("data", "label", "weight", "normweight")}
         arrays.update({f"features/{k}": v[...] for k, v in h5["features"].items()})
+        arrays.update({f"constituents/{k}": v[...] for k, v in h5["constituents"].items()})
         return arrays, dict(h5.attrs)
 
 
@@ -87,6 +88,34 @@ def test_images_and_substructure(runs):
     mass, label = arrays["features/mass"], arrays["label"]
     # Top jets carry the top mass (~175 GeV); QCD jets are lighter. Fixed seeds make this deterministic.
     assert np.median(mass[label == 1]) > np.median(mass[label == 0]) + 30
+
+
+@needs_generator
+def test_constituents(runs):
+    """The leading constituents beside the images: padded arrays by pT, relative to the jet axis; with all of a
+    jet's constituents stored, their summed momentum is the jet's."""
+    with h5py.File(runs["w1"], "r") as h5:
+        c = {k: h5["constituents"][k][...] for k in h5["constituents"]}
+        attrs = dict(h5.attrs)
+        n_constituents, jet_pt = h5["features/n_constituents"][...], h5["features/pt"][...]
+    width = sim.SimConfig.n_constituents_max
+    assert set(c) == {*sim.CONSTITUENTS, "count"} and attrs["constituents_max"] == width
+    assert set(json.loads(attrs["constituents"])) == set(c)
+    for key in sim.CONSTITUENTS:
+        assert c[key].shape == (2 * N, width), key
+    np.testing.assert_array_equal(c["count"], np.minimum(n_constituents, width))
+    real = np.arange(width)[None, :] < c["count"][:, None]
+    for key in sim.CONSTITUENTS:
+        assert (c[key][~real] == 0).all(), key
+    assert (np.diff(np.where(real, c["pt"], 0), axis=1) <= 0).all(), "leading constituents first"
+    assert (c["pt"][real] > 0).all() and (c["energy"][real] >= c["pt"][real] * 0.999).all()
+    assert set(np.unique(c["charge"][real])) <= {-1, 0, 1} and (c["pid"][real] != 0).all()
+    assert (np.abs(c["dphi"]) <= np.pi).all()
+    px = (c["pt"] * np.cos(c["dphi"])).sum(1)
+    py = (c["pt"] * np.sin(c["dphi"])).sum(1)
+    whole = c["count"] == n_constituents
+    np.testing.assert_allclose(np.hypot(px, py)[whole], jet_pt[whole], rtol=1e-3)
+    np.testing.assert_allclose(py[whole] / jet_pt[whole], 0, atol=1e-3)  # dphi is relative to the jet axis
 
 
 @needs_generator

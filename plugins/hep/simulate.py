@@ -46,6 +46,12 @@ CHANNELS = [
     "charged-particle multiplicity: charged visible particles with pT > track_pt_min (muons included)",
 ]
 FEATURES = ("pt", "eta", "phi", "mass", "tau1", "tau2", "tau3", "tau21", "tau32", "n_constituents")
+# Per-constituent arrays (jets, n_constituents_max), leading constituents first, zero-padded; `count` says how many
+# are real. The layout of the public jet datasets (one padded array per quantity, as in the ATLAS top-tagging open
+# data; the names of weaver-core's particle branches).
+CONSTITUENTS = {"pt": "transverse momentum [GeV]", "deta": "pseudorapidity minus the jet's",
+                "dphi": "azimuth minus the jet's [rad], wrapped to [-pi, pi)", "energy": "energy [GeV]",
+                "charge": "electric charge [e]", "pid": "PDG particle id"}
 MAX_BATCH = 200  # events per Pythia nextBatch call: bounds the memory of the full event records (~0.3 MB/event)
 
 
@@ -63,6 +69,8 @@ class SimConfig:
     pthat_min: float = 500.0  # chosen so the jet-pT window is covered without wasting many events
     pthat_max: float = 700.0
     track_pt_min: float = 1.0
+    n_constituents_max: int = 100  # leading constituents stored per jet (0: none)
+    constituent_dtype: str = "float32"  # float16 halves the constituent arrays (the embedded sample uses it)
     em_resolution: tuple[float, float] = (0.10, 0.01)  # sigma/E = a/sqrt(E [GeV]) (+) b
     had_resolution: tuple[float, float] = (0.50, 0.03)
 
@@ -166,7 +174,8 @@ def _process_batch(events, label: int, cfg: SimConfig, pythia, rng: np.random.Ge
     sel = np.flatnonzero(keep)
     n_sel = len(sel)
     if n_sel == 0:
-        return sel, np.zeros((0, 3, cfg.image_size, cfg.image_size), np.float32), {k: np.zeros(0) for k in FEATURES}
+        return sel, np.zeros((0, 3, cfg.image_size, cfg.image_size), np.float32), \
+            {k: np.zeros(0) for k in FEATURES}, _no_constituents(cfg)
 
     # N-subjettiness axes: exclusive kT reclustering of the constituents into N subjets (R=1000: nothing merges
     # with the beam). Winner-take-all recombination makes the N-1 axes a subset of the N axes, so tau_N <= tau_N-1
@@ -189,7 +198,38 @@ def _process_batch(events, label: int, cfg: SimConfig, pythia, rng: np.random.Ge
     features = {"pt": jpt[sel], "eta": jeta[sel], "phi": jphi[sel], "mass": jmass[sel],
                 "tau1": tau[0], "tau2": tau[1], "tau3": tau[2], "tau21": tau[1] / tau[0], "tau32": tau[2] / tau[1],
                 "n_constituents": n_constit[sel]}
-    return sel, _images(vis, counts, sel, jeta[sel], jphi[sel], cfg, pythia, rng), features
+    cid = pad(vis.id[sel][constit[sel]]).astype(np.int64)
+    constituents = _constituents(cpt, cpz, ce, cphi, cid, mask, jeta[sel], jphi[sel], cfg, pythia)
+    return sel, _images(vis, counts, sel, jeta[sel], jphi[sel], cfg, pythia, rng), features, constituents
+
+
+def _no_constituents(cfg: SimConfig) -> dict:
+    n = cfg.n_constituents_max
+    out = {k: np.zeros((0, n), _constituent_dtype(k, cfg)) for k in CONSTITUENTS}
+    return out | {"count": np.zeros(0, np.int16)}
+
+
+def _constituent_dtype(key: str, cfg: SimConfig):
+    return {"charge": np.int8, "pid": np.int16}.get(key, np.dtype(cfg.constituent_dtype))
+
+
+def _constituents(cpt, cpz, ce, cphi, cid, mask, jeta, jphi, cfg: SimConfig, pythia) -> dict:
+    """The leading `n_constituents_max` constituents of each jet by pT, relative to the jet axis, zero-padded."""
+    n = cfg.n_constituents_max
+    order = np.argsort(np.where(mask, -cpt, np.inf), axis=1, kind="stable")[:, :n]
+    take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+    pt, pz, e, phi, pid, valid = take(cpt), take(cpz), take(ce), take(cphi), take(cid), take(mask)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        deta = np.where(valid, np.arcsinh(pz / pt), 0.0) - jeta[:, None]
+    dphi = (phi - jphi[:, None] + np.pi) % (2 * np.pi) - np.pi
+    ids = np.unique(pid[valid])
+    charge_of = {int(i): pythia.particleData.charge(int(i)) for i in ids}
+    charge = np.vectorize(lambda i: charge_of.get(int(i), 0.0), otypes=[float])(pid) if pid.size else pid * 0.0
+    out = {"pt": pt, "deta": deta, "dphi": dphi, "energy": e, "charge": charge, "pid": pid}
+    out = {k: np.where(valid, v, 0).astype(_constituent_dtype(k, cfg)) for k, v in out.items()}
+    if out["pt"].shape[1] < n:  # this batch's longest jet is shorter than n
+        out = {k: np.pad(v, ((0, 0), (0, n - v.shape[1]))) for k, v in out.items()}
+    return out | {"count": valid.sum(axis=1).astype(np.int16)}
 
 
 def _images(vis, counts, sel, jeta, jphi, cfg: SimConfig, pythia, rng: np.random.Generator) -> np.ndarray:
@@ -239,30 +279,33 @@ def _run_chunk(task: tuple[int, int, int, int, SimConfig]) -> dict:
     t0 = time.perf_counter()
     pythia_seed, rng = _seeds(seed, label, chunk)
     pythia = _make_pythia(label, cfg, pythia_seed)
-    images, features, n_examined, n_generated, eff = [], [], 0, 0, 0.3
+    images, features, constituents, n_examined, n_generated, eff = [], [], [], 0, 0, 0.3
     while sum(len(x) for x in images) < n_target:
         missing = n_target - sum(len(x) for x in images)
         # Batch size from the running efficiency: few overshoot events, deterministic given the seed.
         n_batch = int(min(MAX_BATCH, max(8, math.ceil(1.2 * missing / eff))))
         events = pythia.nextBatch(n_batch)
-        sel, img, feat = _process_batch(events, label, cfg, pythia, rng)
+        sel, img, feat, parts = _process_batch(events, label, cfg, pythia, rng)
         take = min(missing, len(sel))
         # Events past the last needed jet do not count as examined (the selection efficiency stays unbiased).
         n_examined += int(sel[take - 1]) + 1 if take == missing else len(events)
         n_generated += len(events)
         images.append(img[:take])
         features.append({k: v[:take] for k, v in feat.items()})
+        constituents.append({k: v[:take] for k, v in parts.items()})
         eff = max(sum(len(x) for x in images) / n_examined, 0.02)
     info = pythia.infoPython()
     return {"label": label, "chunk": chunk, "images": np.concatenate(images),
             "features": {k: np.concatenate([f[k] for f in features]) for k in FEATURES},
+            "constituents": {k: np.concatenate([c[k] for c in constituents]) for k in constituents[0]},
             "n_examined": n_examined, "n_generated": n_generated,
             "sigma_pb": info.sigmaGen() * 1e9, "sigma_err_pb": info.sigmaErr() * 1e9,
             "seconds": time.perf_counter() - t0}
 
 
-def _check_args(n_jets_per_class, seed, workers, image_size, chunk_size) -> None:
+def _check_args(n_jets_per_class, seed, workers, image_size, chunk_size, n_constituents=0) -> None:
     for name, flag, value, low in (("n_jets_per_class", "--n-jets", n_jets_per_class, 1),
+                                   ("n_constituents", "--n-constituents", n_constituents, 0),
                                    ("seed", "--seed", seed, 0), ("workers", "--workers", workers, 1),
                                    ("image_size", "--image-size", image_size, 2),
                                    ("chunk_size", "--chunk-size", chunk_size, 1)):
@@ -273,17 +316,24 @@ def _check_args(n_jets_per_class, seed, workers, image_size, chunk_size) -> None
 
 
 def simulate(n_jets_per_class: int, out: str | os.PathLike, seed: int = 1, workers: int | None = None,
-             image_size: int = 40, chunk_size: int = 250, config: SimConfig | None = None) -> dict:
-    """Generate `n_jets_per_class` top and QCD jets, write them to the HDF5 file `out`, return a summary dict."""
+             image_size: int = 40, chunk_size: int = 250, config: SimConfig | None = None,
+             n_constituents: int | None = None, constituent_dtype: str | None = None) -> dict:
+    """Generate `n_jets_per_class` top and QCD jets, write them to the HDF5 file `out`, return a summary dict.
+    `n_constituents` and `constituent_dtype` (float32, float16) override the config's constituent settings."""
     workers = (os.cpu_count() or 1) if workers is None else workers
-    _check_args(n_jets_per_class, seed, workers, image_size, chunk_size)
+    cfg = config or SimConfig()
+    n_constituents = cfg.n_constituents_max if n_constituents is None else n_constituents
+    constituent_dtype = constituent_dtype or cfg.constituent_dtype
+    _check_args(n_jets_per_class, seed, workers, image_size, chunk_size, n_constituents)
+    if constituent_dtype not in ("float32", "float16"):
+        raise ValueError(f"constituent_dtype (--constituent-dtype) must be float32 or float16, got "
+                         f"{constituent_dtype!r}")
     out = Path(out)
     if not out.parent.is_dir():
         raise ValueError(f"out (--out): folder '{out.parent}' does not exist")
     _pythia_module()  # fail early, in this process, if the generator is missing
-    cfg = config or SimConfig()
-    if cfg.image_size != image_size:
-        cfg = SimConfig(**{**asdict(cfg), "image_size": image_size})
+    cfg = SimConfig(**{**asdict(cfg), "image_size": image_size, "n_constituents_max": n_constituents,
+                       "constituent_dtype": constituent_dtype})
 
     n_chunks = math.ceil(n_jets_per_class / chunk_size)
     tasks = [(label, k, min(chunk_size, n_jets_per_class - k * chunk_size), seed, cfg)
@@ -310,6 +360,8 @@ def simulate(n_jets_per_class: int, out: str | os.PathLike, seed: int = 1, worke
         sigma_err = np.linalg.norm(np.array([r["sigma_err_pb"] for r in rs]) * n_gen) / n_gen.sum()
         per_class[label] = {"images": np.concatenate([r["images"] for r in rs]),
                             "features": {k: np.concatenate([r["features"][k] for r in rs]) for k in FEATURES},
+                            "constituents": {k: np.concatenate([r["constituents"][k] for r in rs])
+                                             for k in rs[0]["constituents"]},
                             "n_examined": n_examined, "n_generated": int(n_gen.sum()),
                             "sigma_pb": float(sigma), "sigma_err_pb": float(sigma_err),
                             "efficiency": n_jets_per_class / n_examined,
@@ -326,6 +378,8 @@ def simulate(n_jets_per_class: int, out: str | os.PathLike, seed: int = 1, worke
               "label": labels[order], "weight": weight[order].astype(np.float32),
               "normweight": normweight[order].astype(np.float32)}
     features = {k: np.concatenate([per_class[c]["features"][k] for c in (1, 0)])[order] for k in FEATURES}
+    constituents = {k: np.concatenate([per_class[c]["constituents"][k] for c in (1, 0)])[order]
+                    for k in per_class[1]["constituents"]} if cfg.n_constituents_max else {}
 
     n_generated = sum(per_class[c]["n_generated"] for c in (1, 0))
     cpu_seconds = sum(per_class[c]["seconds"] for c in (1, 0))
@@ -334,7 +388,7 @@ def simulate(n_jets_per_class: int, out: str | os.PathLike, seed: int = 1, worke
                **{f"efficiency_{CLASS_NAMES[c]}": per_class[c]["efficiency"] for c in (1, 0)},
                **{f"sigma_pb_{CLASS_NAMES[c]}": per_class[c]["sigma_pb"] for c in (1, 0)},
                **{f"events_examined_{CLASS_NAMES[c]}": per_class[c]["n_examined"] for c in (1, 0)}}
-    _write(out, arrays, features, _attributes(cfg, seed, chunk_size, n_jets_per_class, per_class))
+    _write(out, arrays, features, _attributes(cfg, seed, chunk_size, n_jets_per_class, per_class), constituents)
     log.info("wrote %d jets to %s in %.1f s: %.1f events/s per process, %.2f accepted jets/s overall, "
              "selection efficiency top %.3f, qcd %.3f", len(labels), out, wall,
              summary["events_per_s_per_process"], summary["jets_per_s"],
@@ -377,6 +431,13 @@ def _attributes(cfg: SimConfig, seed: int, chunk_size: int, n_jets_per_class: in
                                 "tau21, tau32": "tau2/tau1, tau3/tau2", "n_constituents": "jet constituents"}),
         "config": json.dumps(asdict(cfg)),
     }
+    if cfg.n_constituents_max:
+        attrs |= {"constituents_max": cfg.n_constituents_max, "constituents_dtype": cfg.constituent_dtype,
+                  "constituents": json.dumps({**CONSTITUENTS, "count": "number of real constituents in the row "
+                                                                       "(the rest is zero padding)"}),
+                  "constituents_content": f"the {cfg.n_constituents_max} highest-pT constituents of the jet, "
+                                          "generator-level visible final-state particles (no detector smearing, "
+                                          "unlike the images), sorted by decreasing pT, zero-padded"}
     for c, name in CLASS_NAMES.items():
         attrs[f"selection_efficiency_{name}"] = per_class[c]["efficiency"]
         attrs[f"events_examined_{name}"] = per_class[c]["n_examined"]
@@ -385,7 +446,7 @@ def _attributes(cfg: SimConfig, seed: int, chunk_size: int, n_jets_per_class: in
     return attrs
 
 
-def _write(out: Path, arrays: dict, features: dict, attrs: dict) -> None:
+def _write(out: Path, arrays: dict, features: dict, attrs: dict, constituents: dict | None = None) -> None:
     """Write to FILE.tmp and rename: a crash never leaves a half-written FILE."""
     import h5py
 
@@ -401,6 +462,12 @@ def _write(out: Path, arrays: dict, features: dict, attrs: dict) -> None:
             group = h5.create_group("features")
             for key, value in features.items():
                 group.create_dataset(key, data=value.astype(np.int32 if key == "n_constituents" else np.float32))
+            if constituents:
+                group = h5.create_group("constituents")
+                for key, value in constituents.items():  # chunks of 256 jets: cheap random batches, good gzip
+                    chunks = (max(1, min(len(value), 256)), *value.shape[1:])
+                    group.create_dataset(key, data=value, chunks=chunks, compression="gzip", compression_opts=9,
+                                         shuffle=True)
             h5.attrs.update(attrs)
         os.replace(tmp, out)
     except BaseException:
@@ -417,11 +484,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=40, metavar="PIXELS", help="pixels per side (default 40)")
     parser.add_argument("--chunk-size", type=int, default=250, metavar="N",
                         help="accepted jets per class per work unit (default 250); changes the random streams")
+    parser.add_argument("--n-constituents", type=int, default=SimConfig.n_constituents_max, metavar="N",
+                        help="leading constituents stored per jet in constituents/ (default 100; 0: none)")
+    parser.add_argument("--constituent-dtype", default=SimConfig.constituent_dtype, choices=("float32", "float16"),
+                        help="type of the constituents' pt, deta, dphi, energy (default float32)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         return simulate(args.n_jets, args.out, seed=args.seed, workers=args.workers,
-                        image_size=args.image_size, chunk_size=args.chunk_size)
+                        image_size=args.image_size, chunk_size=args.chunk_size,
+                        n_constituents=args.n_constituents, constituent_dtype=args.constituent_dtype)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     except ImportError as err:
