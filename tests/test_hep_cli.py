@@ -73,7 +73,7 @@ def test_two_ranks_score_the_test_split_like_one_process(tmp_path, best_ckpt, da
     one, ddp = (json.loads((runs[k] / "metrics.json").read_text()) for k in ("one", "ddp"))
     tests = sorted(k for k in one if k.startswith("test/"))
     assert "test/auc" in tests and tests == sorted(k for k in ddp if k.startswith("test/"))
-    for key in (k for k in tests if "_ci_" not in k):  # intervals resample in gathered order: equal in law, not bitwise
+    for key in (k for k in tests if "_ci_" not in k and "ks_pvalue" not in k):  # intervals resample in gathered order; KS uses rank 0's training shard
         assert ddp[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
     assert re.search(r"data \(rank 1 of 2\): .*test 24\n", (runs["ddp"] / "hep_rank1.log").read_text())
     scores = {}

@@ -72,7 +72,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes(tmp_path, da
     line = _one_line(output, "sciml: received SIGTERM at epoch")
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert line.endswith(f"step {saved['global_step']}; checkpoint saved to {run_dir / 'checkpoints' / 'last.ckpt'}")
-    assert saved["global_step"] > 9, "saved at the step the signal stopped, after the first epoch's checkpoint"
+    assert saved["global_step"] >= 9, "saved at the step the signal stopped (at the earliest the first epoch end)"
 
     stopped_epoch = saved["epoch"]
     again = sciml(*_args(data_file, run_dir, f"trainer.max_epochs={stopped_epoch + 2}", *logs))
@@ -103,7 +103,7 @@ def test_sigint_and_the_slurm_signal_stop_at_a_step_with_a_checkpoint(tmp_path, 
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 128 + sig, output[-3000:]
     line = _one_line(output, f"sciml: received {sig.name} at epoch", "checkpoint saved to")
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] > 9
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] >= 9  # signal may land at the epoch end
     if sig == signal.SIGUSR1:
         assert line.endswith("; requeued SLURM job 4242")
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
