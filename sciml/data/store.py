@@ -101,12 +101,13 @@ class RowStore:
     def read(self, index: np.ndarray) -> dict[str, np.ndarray]:
         """Rows at global `index` (any order), in that order, with their `index`."""
         index = np.asarray(index, dtype=np.int64)
-        held = self._rows is not None
-        if held:
-            position = np.minimum(np.searchsorted(self._rows, index), len(self._rows) - 1)
-            held = bool((self._rows[position] == index).all())
-        if held:
-            batch = {k: _take(v, position) for k, v in self._memory.items()}
+        rows, memory = self._rows, self._memory
+        held = rows is not None and memory is not None
+        if rows is not None and memory is not None:
+            position = np.minimum(np.searchsorted(rows, index), len(rows) - 1)
+            held = bool((rows[position] == index).all())
+        if held and memory is not None:
+            batch = {k: _take(v, position) for k, v in memory.items()}
         else:  # not held (or not all of them: e.g. training rows read once after a test-only run)
             sorted_rows = np.unique(index)  # one sorted read per file; repeated rows (oversampling) read once
             values = self._read_sorted(sorted_rows)
