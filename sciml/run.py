@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sciml import config_check, rundir, signals
+from sciml import config_check, distributed, rundir, signals
 from sciml.data import DataModule, PredictionWriter
 from sciml.distributed import launch
 from sciml.errors import SciMLError
@@ -40,6 +40,9 @@ def run_job(cfg: DictConfig) -> float | None:
     with HYDRA_FULL_ERROR=1). In a multirun the failure is re-raised so that Hydra records the job as failed while
     the other jobs go on. A fit stopped by a signal exits with 128 + its number (sciml.signals).
     """
+    # Idempotent; needed where the task function runs in a process that did not start as `python -m sciml` (a Ray
+    # worker, a submitit job): DDP ranks re-launched by Lightning must run this job, and strategy=hybrid must exist.
+    distributed.setup()
     try:
         with rundir.claim(cfg):  # lock, resume policy, error.log
             return run(cfg)

@@ -66,6 +66,8 @@ class Preemption(pl.Callback):
         self.checkpoint = Path(checkpoint)
         self.slurm_signal = _signal(slurm_signal, "callbacks.preemption.slurm_signal") if slurm_signal else None
         self.requeue = bool(requeue)
+        if self.slurm_signal is not None:
+            _note_outside_fits(self.slurm_signal)
 
     def on_train_start(self, trainer, pl_module):
         # After Lightning's signal connector has installed its SIGTERM handler (Trainer._run), which restores the
@@ -106,6 +108,24 @@ class Preemption(pl.Callback):
             result = _requeue(job)
             line += f"; requeued SLURM job {job}" if result == 0 else f"; requeuing SLURM job {job} failed ({result})"
         print(line, flush=True)
+
+
+def _note_outside_fits(signum: signal.Signals) -> None:
+    """Outside a fit (reading the data before it, testing, predicting) SLURM's warning signal must not kill the run
+    (its default action): it is noted in one line and the run goes on. Installed before the Trainer runs, so that
+    Lightning's signal connector, which restores the handlers it found when a fit or test ends, keeps this one
+    (and does not add its own mid-step `hpc_ckpt` handler)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signum) not in (signal.SIG_DFL, None):
+        return
+    rank_zero = (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0"
+
+    def note(received, frame):
+        if rank_zero:  # os.write: print() is not safe inside a signal handler
+            os.write(2, f"sciml: received {signal.Signals(received).name} outside training; the run goes on\n"
+                     .encode())
+
+    signal.signal(signum, note)
 
 
 def _slurm_job_id() -> str | None:

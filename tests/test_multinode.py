@@ -52,12 +52,10 @@ def _one_run_directory(tmp_path) -> dict:
     assert [r.name for r in runs] == ["torchrun-sim42"], runs
     log = (runs[0] / "hep.log").read_text()
     assert log.count("[sciml][INFO] - metrics: {") == 1
-    assert all(f"HEP data (rank {r} of 4)" in log for r in range(4))
+    assert all(f"data (rank {r} of 4)" in log for r in range(4))
     return json.loads((runs[0] / "metrics.json").read_text())
 
 
-@pytest.mark.xfail(reason="failed in the final CI run of the session that merged the data contract; not yet "
-                          "investigated (it passed on the cluster branch) - see the session note", strict=False)
 def test_ddp_on_two_simulated_nodes(tmp_path):
     _two_nodes(tmp_path, "strategy=ddp")
     metrics = _one_run_directory(tmp_path)
@@ -66,8 +64,6 @@ def test_ddp_on_two_simulated_nodes(tmp_path):
     assert 0 <= metrics["test/auc"] <= 1
 
 
-@pytest.mark.xfail(reason="failed in the final CI run of the session that merged the data contract; not yet "
-                          "investigated (it passed on the cluster branch) - see the session note", strict=False)
 def test_hybrid_with_one_group_per_simulated_node(tmp_path):
     """group_size=2: DDP inside each node, model averaging across the two nodes every step (sync_period=1)."""
     _two_nodes(tmp_path, "strategy=hybrid", "strategy.group_size=2", "strategy.sync_period=1")
