@@ -67,17 +67,29 @@ def cgroup_memory_limit(root: Path = CGROUP_ROOT, proc: Path = PROC) -> int | No
 
 
 def cgroup_memory_usage(root: Path = CGROUP_ROOT, proc: Path = PROC) -> int | None:
-    """Memory already charged to this process's own cgroup (bytes), v1 or v2; None when not found."""
+    """Memory charged to this process's own cgroup (bytes), v1 or v2, less the page cache of files (reclaimed by the
+    kernel at the limit: reading the data fills it, up to the limit); None when not found."""
     own = _own_cgroups(proc)
     for d in reversed(_candidate_dirs(root / "memory", own.get("memory"))):
         value = _read(d / "memory.usage_in_bytes")
         if value and value.isdigit():
-            return int(value)
+            return max(int(value) - _file_pages(d, "total_active_file", "total_inactive_file"), 0)
     for d in reversed(_candidate_dirs(root, own.get(""))):
         value = _read(d / "memory.current")
         if value and value.isdigit():
-            return int(value)
+            return max(int(value) - _file_pages(d, "active_file", "inactive_file"), 0)
     return None
+
+
+def _file_pages(group: Path, *keys: str) -> int:
+    """Bytes of file-backed pages in a cgroup's memory.stat (shared memory is not among them: it is not reclaimable
+    without swap)."""
+    total = 0
+    for line in (_read(group / "memory.stat") or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key in keys and value.strip().isdigit():
+            total += int(value)
+    return total
 
 
 def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc: Path = PROC) -> float | None:
