@@ -250,3 +250,13 @@ def test_streamed_shards_are_equal_and_disjoint_across_ranks(tmp_path):
     assert [len(c) for c in chunks] == [10] * 9 + [5]
     shards = [np.concatenate(shard_chunks(chunks, r, 2)) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 45 and not set(shards[0]) & set(shards[1])
+
+
+def test_a_sample_of_training_rows_for_the_overtraining_check(tmp_path):
+    """The overtraining check scores as many training rows as test rows: a seeded subset of this rank's training
+    rows, not a pass over all of them (10 GiB streamed at scale)."""
+    dm = DataModule(reader=Npz, path=str(write(tmp_path / "a.npz", 100)), val_size=0.1, test_size=0.1)
+    dm.setup("fit")
+    rows = [np.concatenate([b["index"].numpy() for b in dm.train_sample_dataloader(n)]) for n in (30, 30, 1000)]
+    assert len(rows[0]) == 30 and np.array_equal(rows[0], rows[1]) and np.all(np.diff(rows[0]) > 0)
+    assert set(rows[0]) < set(dm.rows["train"].tolist()) and np.array_equal(rows[2], np.sort(dm.rows["train"]))

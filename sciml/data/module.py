@@ -348,6 +348,17 @@ class DataModule(pl.LightningDataModule):
         return self._loader(Rows(self.test_store, self.rows.get("test", np.zeros(0, np.int64))),
                             self._eval_batch_size(self.test_store))
 
+    def train_sample_dataloader(self, rows: int, seed: int = 0):
+        """At most `rows` of this rank's training rows, a seeded random subset read in row order like the test rows
+        (no augmentation): for checks that compare the model on training and test data (the overtraining check)
+        without a pass over a training set of any size."""
+        train = self.rows.get("train")
+        if self.store is None or train is None:
+            return None
+        if len(train) > rows:
+            train = np.sort(np.random.default_rng([self.seed, seed]).choice(train, rows, replace=False))
+        return self._loader(Rows(self.store, train), self._eval_batch_size(self.store))
+
     def predict_dataloader(self):
         return self.test_dataloader()
 

@@ -97,7 +97,7 @@ class ClassificationTask(SciMLTask):
         the test scores per class, and `test/ks_pvalue_<class>`. Call on rank 0 only."""
         from sciml.plots import plot_score_distributions
 
-        train = self.training_scores()
+        train = self.training_scores(len(scores))
         if train is None:
             return
         scores, labels = (torch.as_tensor(t).double().cpu().numpy() for t in (scores, labels))
@@ -117,15 +117,19 @@ class ClassificationTask(SciMLTask):
                 else:
                     self.warn(f"{stage}/{name}_ci_{side}", "undefined: most bootstrap resamples lack one class")
 
-    def training_scores(self):
-        """Signal scores, labels and weights of the training rows (one pass of the training loader in eval mode,
-        this rank's rows), for the overtraining check; None without a training loader."""
+    def training_scores(self, rows: int):
+        """Signal scores, labels and weights of up to `rows` training rows of this rank (as many as the test rows: a
+        random subset from sciml data modules, not a pass over a training set of any size; otherwise the training
+        loader), in eval mode, for the overtraining check; None without training rows."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not callable(getattr(datamodule, "train_dataloader", None)):
+        sample = getattr(datamodule, "train_sample_dataloader", None)
+        if datamodule is None or not callable(sample or getattr(datamodule, "train_dataloader", None)):
             return None
         try:
-            loader = datamodule.train_dataloader()
+            loader = sample(max(int(rows), 1)) if callable(sample) else datamodule.train_dataloader()
         except Exception:  # a test-only run may have no training split set up
+            return None
+        if loader is None:
             return None
         parts = []
         was_training = self.training
