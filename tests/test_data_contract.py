@@ -260,3 +260,115 @@ def test_a_sample_of_training_rows_for_the_overtraining_check(tmp_path):
     rows = [np.concatenate([b["index"].numpy() for b in dm.train_sample_dataloader(n)]) for n in (30, 30, 1000)]
     assert len(rows[0]) == 30 and np.array_equal(rows[0], rows[1]) and np.all(np.diff(rows[0]) > 0)
     assert set(rows[0]) < set(dm.rows["train"].tolist()) and np.array_equal(rows[2], np.sort(dm.rows["train"]))
+
+
+# -- data larger than memory: bounded buffers, open files and copies ------------------------------------------
+def test_streaming_buffer_is_a_quarter_of_the_memory_budget_and_kept_in_checkpoints(tmp_path):
+    """Under a memory budget smaller than the configured shuffle buffer, a buffer holds at most a quarter of the
+    budget (its read, its batches queued, headroom); the choice travels in checkpoints, since the order depends on
+    it."""
+    from types import SimpleNamespace
+
+    path = [str(write(tmp_path / "a.npz", 1000))]  # 12 kB of rows, more than the budget
+    budget_gb = 4 * 5 * 20 * 12 / 2**30  # a quarter of it: 5 chunks of 20 rows of 12 bytes
+    dm = DataModule(reader=Npz, path=path, max_memory_gb=budget_gb, stream_chunk_rows=20, shuffle_buffer_mb=256,
+                    num_workers=0)
+    dm.setup("fit")
+    assert dm.streamed and dm._streaming_buffer() == 5
+    stream = dm.train_dataloader().dataset
+    assert stream.buffer_chunks == 5
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), current_epoch=0,
+                                 fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                                     batch_progress=SimpleNamespace(current=SimpleNamespace(processed=3)))))
+    state = dm.state_dict()
+    assert state["buffer_chunks"] == 5
+    resumed = DataModule(reader=Npz, path=path, max_memory_gb=10 * budget_gb, stream_chunk_rows=20,
+                         shuffle_buffer_mb=256, num_workers=0)
+    resumed.trainer = dm.trainer
+    resumed.load_state_dict(state)
+    resumed.trainer = None
+    resumed.setup("fit")
+    assert resumed._streaming_buffer() == 5, "a resumed run keeps the buffer (and so the order) it started with"
+
+
+def test_num_workers_auto_reads_streamed_rows_in_a_worker_only(tmp_path):
+    path = [str(write(tmp_path / "a.npz", 400))]
+    streamed = DataModule(reader=Npz, path=path, max_memory_gb=1e-6, stream_chunk_rows=20)
+    held = DataModule(reader=Npz, path=path)
+    for dm in (streamed, held):
+        dm.setup("fit")
+    loader = streamed.train_dataloader()
+    assert loader.num_workers == 1 and loader.prefetch_factor >= 2
+    assert held.train_dataloader().num_workers == 0 and streamed.val_dataloader().num_workers == 0
+    assert len(torch.cat([b["index"] for b in loader])) == len(streamed.rows["train"])
+    with pytest.raises(SciMLError, match="data.num_workers: expected auto or a number >= 0, got 'two'"):
+        DataModule(reader=Npz, path=path, num_workers="two")
+
+
+def test_open_files_are_bounded_least_recently_used_closed_first():
+    class Handle:
+        def __init__(self, path):
+            self.path, self.closed = path, False
+
+        def close(self):
+            self.closed = True
+
+    reader = Npz()
+    reader.max_open_files = 2
+    a, b = reader.handle(Path("a"), Handle), reader.handle(Path("b"), Handle)
+    assert reader.handle(Path("a"), Handle) is a  # a is now the most recently used
+    c = reader.handle(Path("c"), Handle)
+    assert b.closed and not a.closed and not c.closed
+    assert reader.handle(Path("b"), Handle) is not b and a.closed  # reopened; a was the oldest
+
+
+def test_rows_of_several_files_are_gathered_into_one_array_or_a_list_when_shapes_differ(tmp_path):
+    @dataclass
+    class Volumes(Npz):
+        def read(self, info, rows):
+            size = 2 if info.path.stem == "a" else 3
+            return {"x": np.stack([np.full((1, size), r, np.float32) for r in rows]),
+                    "y": np.asarray(rows) % 2}
+
+    files = [write(tmp_path / "a.npz", 3), write(tmp_path / "b.npz", 2), write(tmp_path / "c.npz", 2)]
+    same = RowStore(Npz(), files)
+    batch = same.read(np.array([0, 3, 4, 6]))
+    assert isinstance(batch["x"], np.ndarray) and batch["x"][:, 0].tolist() == [0, 0, 1, 1]
+    mixed = RowStore(Volumes(), files)._read_sorted(np.array([1, 2, 3, 5]))
+    assert [x.shape for x in mixed["x"]] == [(1, 2), (1, 2), (1, 3), (1, 3)]
+    assert [float(x[0, 0]) for x in mixed["x"]] == [1, 2, 0, 0] and mixed["y"].tolist() == [1, 0, 0, 0]
+
+
+def test_class_counts_of_streamed_rows_read_labels_only(tmp_path):
+    @dataclass
+    class LabelsApart(Npz):
+        def read_labels(self, info, rows):
+            self.label_reads = getattr(self, "label_reads", 0) + 1
+            with np.load(info.path) as f:
+                return f["y"][rows]
+
+    files = [str(write(tmp_path / "a.npz", 230)), str(write(tmp_path / "b.npz", 170, start=230))]
+    held = DataModule(reader=Npz, path=files)
+    streamed = DataModule(reader=LabelsApart, path=files, max_memory_gb=1e-6)
+    for dm in (held, streamed):
+        dm.setup("fit")
+    reads = getattr(streamed.reader, "reads", 0)
+    assert np.array_equal(streamed.class_frequencies(), held.class_frequencies())
+    assert getattr(streamed.reader, "reads", 0) == reads and streamed.reader.label_reads >= 2, "labels read without inputs"
+
+
+def test_streamed_chunks_group_small_file_chunks_to_a_few_megabytes(tmp_path):
+    from sciml.data.stream import CHUNK_BYTES, chunks_of
+
+    @dataclass
+    class Frames(Npz):
+        features: int = 2**18  # 1 MiB rows, stored one row per file chunk (one time step per chunk, as netCDF)
+
+        def open(self, path):
+            info = super().open(path)
+            info.meta["chunk_rows"] = 1
+            return info
+
+    store = RowStore(Frames(), [write(tmp_path / "a.npz", 9)])
+    assert CHUNK_BYTES == 2 * 2**20 and [len(c) for c in chunks_of(store, np.arange(9), None)] == [2] * 4 + [1]
+    assert [len(c) for c in chunks_of(store, np.arange(9), 4)] == [4, 4, 1]

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import netCDF4
 import numpy as np
 import xarray as xr
 
@@ -29,6 +30,10 @@ GRID = ("lat", "lon")
 
 
 def _open(path: Path) -> xr.Dataset:
+    # No HDF5 chunk cache: every file stays open, and netCDF's default cache (up to 16 MB per variable and open
+    # file) kept each chunk ever read: 8 GB of fields streamed under a 1 GiB cap were killed by it. Reads are whole
+    # time steps, sorted, so a cached chunk is never read again within an epoch.
+    netCDF4.set_chunk_cache(0, 0, 0.75)
     try:  # times stay numbers: predictions copy them, with their units and calendar, unchanged
         return xr.open_dataset(path, engine="netcdf4", decode_times=False, cache=False)
     except Exception as exc:  # netCDF4 raises OSError, ValueError or its own errors for foreign or broken files
@@ -199,7 +204,9 @@ class ClimateNetReader(Reader):
             raise SciMLError(f"{info.path}: '{self.labels}' must hold classes 0..{k - 1} "
                              f"({', '.join(f'{i} {n}' for i, n in enumerate(self.class_names))}), found "
                              f"{found.tolist()}" + (" and NaN" if not np.isfinite(y).all() else ""))
-        return block_majority(y.astype(np.int64), self.downsample, k).astype(np.int64)
+        # uint8 in memory and between processes (8x less than int64: pixel masks are as large as a channel of
+        # inputs); the core makes them int64 on the device
+        return block_majority(y.astype(np.int64), self.downsample, k).astype(np.uint8 if k <= 256 else np.int64)
 
     def read(self, info: FileInfo, rows: np.ndarray) -> dict[str, np.ndarray]:
         x = np.stack([self._field(info, v, rows).astype(np.float32) for v in self.variables], 1)

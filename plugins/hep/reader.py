@@ -95,6 +95,9 @@ class H5Events(Reader):
         return f"expected {self.input_layout()}, optionally 'label' (N)" + (
             f" and '{self.weight_key}' (N)" if self.weight_key else "")
 
+    def read_labels(self, info, rows):
+        return read_rows(self.handle(info.path, open_h5)["label"], rows).astype(np.int64)
+
     def read(self, info, rows):
         h5 = self.handle(info.path, open_h5)
         out = {"x": read_rows(h5[self.inputs], rows).astype(np.float32, copy=False)}

@@ -60,9 +60,11 @@ class DataModule(pl.LightningDataModule):
         normalize: none, max, standard, or a `Normalizer` class (dotted path); fitted on the training rows.
         max_memory_gb: auto (from the memory this process may use) or a number; a rank's rows beyond it are not held:
             training rows are streamed (chunk-aware shuffling, sciml/data/stream.py), others read per batch.
-        stream_chunk_rows: rows per chunk when streaming (null: the file's own chunking, else 1024).
-        shuffle_buffer_mb: rows shuffled together when streaming (a buffer of whole chunks).
-        num_workers: DataLoader worker processes (reading and decoding in parallel).
+        stream_chunk_rows: rows per chunk when streaming (null: the file's own chunks, grouped to at least 2 MB).
+        shuffle_buffer_mb: rows shuffled together when streaming (a buffer of whole chunks); at most a quarter of
+            the memory budget, so that a buffer being read, one being trained on and the loader's queue fit.
+        num_workers: DataLoader worker processes (reading and decoding in parallel); auto: one for streamed
+            training rows (the next buffer is read while the current one trains), none for rows held in memory.
         seed: the training order (a function of seed and epoch, so a resumed run replays it exactly).
     """
 
@@ -71,7 +73,7 @@ class DataModule(pl.LightningDataModule):
                  group_by: str | None = None, split_order: str = "random", test_groups: Sequence[str] | None = None,
                  train_split: str = "rest", split_seed: int = 0, normalize: str = "none",
                  max_memory_gb: float | str = "auto", stream_chunk_rows: int | None = None,
-                 shuffle_buffer_mb: float = 256, num_workers: int = 0, seed: int = 0, **options):
+                 shuffle_buffer_mb: float = 256, num_workers: int | str = "auto", seed: int = 0, **options):
         super().__init__()
         cls = get_class(reader) if isinstance(reader, str) else reader
         if not (isinstance(cls, type) and issubclass(cls, Reader)):
@@ -90,6 +92,9 @@ class DataModule(pl.LightningDataModule):
             raise SciMLError(f"data.train_split: '{train_split}' is not one of rest, all")
         if max_memory_gb != "auto" and not isinstance(max_memory_gb, (int, float)):
             raise SciMLError(f"data.max_memory_gb: expected auto or a number of GiB, got {max_memory_gb!r}")
+        if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                      or num_workers < 0):
+            raise SciMLError(f"data.num_workers: expected auto or a number >= 0, got {num_workers!r}")
         self.path, self.test_path = path, test_path
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.val_size, self.test_size = val_size, (0 if test_path else test_size)
@@ -98,6 +103,7 @@ class DataModule(pl.LightningDataModule):
         self.normalize, self.max_memory_gb = normalize, max_memory_gb
         self.stream_chunk_rows, self.shuffle_buffer_mb = stream_chunk_rows, shuffle_buffer_mb
         self.streamed = False   # training rows read chunk by chunk (they do not fit in memory)
+        self._buffer_chunks: int | None = None  # chunks per streaming buffer: fixed once, kept in checkpoints
         self.store = None       # the rows of `path`
         self.test_store = None  # the rows tested and predicted (`test_path`, or `store`)
         self.split_rows: dict[str, np.ndarray] = {}  # the rows of each split of `path`, all ranks' (not sharded)
@@ -266,7 +272,7 @@ class DataModule(pl.LightningDataModule):
         if self.normalizer.fitted:
             return
         rows = np.sort(self.train_rows)
-        block = max(1, int(64 * 2**20 // self.store.row_bytes()))
+        block = max(1, int(min(64 * 2**20, self._budget() / 8) // self.store.row_bytes()))  # rows per read
         blocks = (self.store.read(rows[i:i + block])["x"] for i in range(0, len(rows), block))
         self.normalizer.fit(blocks, self._reduce)
         log.info("normalisation (%s) fitted on %d training rows: %s", self.normalize, len(rows),
@@ -287,7 +293,7 @@ class DataModule(pl.LightningDataModule):
         rows = np.sort(self.train_rows if rows is None else np.intersect1d(self.train_rows, rows))
         counts = np.zeros(0)
         for i in range(0, len(rows), 256):
-            y = np.asarray(self.store.read(rows[i:i + 256])["y"]).astype(np.int64).ravel()
+            y = np.asarray(self.store.read_labels(rows[i:i + 256])).astype(np.int64).ravel()
             found = np.bincount(y)
             counts = np.pad(counts, (0, max(0, len(found) - len(counts))))
             counts[:len(found)] += found
@@ -305,10 +311,16 @@ class DataModule(pl.LightningDataModule):
         """The training rows as a dataset (plugins may add per-row keys, e.g. `labeled`)."""
         return Rows(self.store, rows)
 
+    def _workers(self, streamed: bool = False) -> int:
+        """DataLoader workers: `num_workers`, or with auto one for the streamed training rows and none otherwise."""
+        if self.num_workers == "auto":
+            return 1 if streamed else 0
+        return int(self.num_workers)
+
     def _loader(self, dataset: Dataset, batch_size: int, sampler=None) -> DataLoader:
+        workers = self._workers()
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=keep_batch,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=self._pin_memory())
+                          num_workers=workers, persistent_workers=workers > 0, pin_memory=self._pin_memory())
 
     def _pin_memory(self) -> bool:
         trainer = self.trainer
@@ -327,19 +339,35 @@ class DataModule(pl.LightningDataModule):
             return position
         return getattr(self.trainer, "current_epoch", 0), 0
 
+    def _streaming_buffer(self) -> int:
+        """Chunks per streaming buffer: `shuffle_buffer_mb`, at most a quarter of the memory budget (a buffer being
+        read, its copy while it is cut into batches, the batches queued for training, and headroom). Decided once
+        per run and kept in checkpoints: the training order depends on it, and a resumed run replays that order."""
+        if self._buffer_chunks is None:
+            chunk_bytes = self.store.row_bytes() * max(len(c) for c in self._train_chunks)
+            limit = min(self.shuffle_buffer_mb * 2**20, self._budget() / 4)
+            self._buffer_chunks = max(1, int(limit // chunk_bytes))
+        return self._buffer_chunks
+
     def train_dataloader(self):
         if self.streamed:
-            buffer = max(1, int(self.shuffle_buffer_mb * 2**20 // (self.store.row_bytes() *
-                                                                   max(len(c) for c in self._train_chunks))))
-            stream = ChunkStream(self.store, self._train_chunks, self.batch_size, buffer, self.seed)
+            chunks = self._streaming_buffer()
+            stream = ChunkStream(self.store, self._train_chunks, self.batch_size, chunks, self.seed)
+            workers = self._workers(streamed=True)
+            rows = chunks * max(len(c) for c in self._train_chunks)
+            # with workers, the queue holds a buffer's batches: the next buffer is read while this one trains
+            prefetch = max(2, -(-rows // self.batch_size)) if workers else None
+            log.info("streaming: buffers of %d chunk(s), up to %d rows (%.0f MB), %d loader worker(s)%s", chunks,
+                     rows, rows * self.store.row_bytes() / 2**20, workers,
+                     f", {prefetch} batches prefetched" if workers else "")
             # workers re-created each epoch: they take the epoch's order with them
-            return EpochLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=worker_init,
-                               pin_memory=self._pin_memory(), position=self._position)
+            return EpochLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init,
+                               prefetch_factor=prefetch, pin_memory=self._pin_memory(), position=self._position)
         dataset = self.train_dataset(self.rows["train"])
+        workers = self._workers()
         return EpochLoader(dataset, batch_size=self.batch_size, sampler=EpochShuffle(len(dataset), self.seed),
-                           collate_fn=keep_batch, num_workers=self.num_workers,
-                           persistent_workers=self.num_workers > 0, pin_memory=self._pin_memory(),
-                           position=self._position)
+                           collate_fn=keep_batch, num_workers=workers, persistent_workers=workers > 0,
+                           pin_memory=self._pin_memory(), position=self._position)
 
     def val_dataloader(self):
         return self._loader(Rows(self.store, self.rows["val"]), self._eval_batch_size(self.store))
@@ -370,6 +398,9 @@ class DataModule(pl.LightningDataModule):
                              "trained run")
         self.normalizer.to(batch["x"].device)
         batch["x"] = self.normalizer(batch["x"])
+        y = batch.get("y")
+        if y is not None and not y.is_floating_point() and y.dtype != torch.int64:
+            batch["y"] = y.long()  # class labels travel compact (uint8 pixel masks), losses index with int64
         return batch
 
     # -- checkpoints ------------------------------------------------------------------------------------------
@@ -379,12 +410,15 @@ class DataModule(pl.LightningDataModule):
         trainer = self.trainer
         position = [trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed] \
             if _fitting(trainer) else None
-        return {"normalize": str(self.normalize), "normalizer": state, "position": position}
+        return {"normalize": str(self.normalize), "normalizer": state, "position": position,
+                "buffer_chunks": self._buffer_chunks}
 
     def load_state_dict(self, state_dict):
         if state_dict.get("position") is not None and _fitting(self.trainer):
             self._resume_at = tuple(state_dict["position"])  # where the training order resumes (EpochLoader)
         self._normalizer_state = state_dict.get("normalizer") or None
+        if state_dict.get("buffer_chunks") and _fitting(self.trainer):
+            self._buffer_chunks = int(state_dict["buffer_chunks"])
         if self.normalizer is not None:
             self._ensure_normalizer()
 

@@ -77,6 +77,11 @@ class Reader(ABC):
         """Rows `rows` (sorted, unique, local to this file) as `x` and, when present, `y` and `w`. Checks the values
         (NaN, label range) and names the file on failure."""
 
+    def read_labels(self, info: FileInfo, rows: np.ndarray) -> np.ndarray:
+        """The labels `y` of rows `rows` (sorted, unique, local), for class counts over a training set that is not
+        held in memory. Override to read them without the inputs (a pass over labels alone is far cheaper)."""
+        return self.read(info, rows)["y"]
+
     @abstractmethod
     def write(self, info: FileInfo, rows: np.ndarray, outputs: dict[str, np.ndarray], directory: Path
               ) -> list[Path]:
@@ -84,10 +89,19 @@ class Reader(ABC):
         into `directory`, in the domain's format, and return the files written. Write to a temporary name and rename
         so that readers never see half a file."""
 
+    max_open_files: ClassVar[int] = 16
+
     def handle(self, path: Path, opener):
-        """An open file kept for later reads (one open per file and process, not per batch)."""
+        """An open file kept for later reads (one open per file and process, not per batch). At most
+        `max_open_files` stay open, the least recently used is closed first: each open HDF5 or netCDF file holds
+        caches of its own (about 2 MB per climate file), and a data set of thousands of files read in turn would
+        otherwise keep all of them (8 GB streamed in 243 files under a 1 GiB cap was killed by it)."""
         handles = self.__dict__.setdefault("_handles", {})
-        if path not in handles:
+        if path in handles:
+            handles[path] = handles.pop(path)  # most recently used last
+        else:
+            while len(handles) >= max(1, self.max_open_files):
+                handles.pop(next(iter(handles))).close()
             handles[path] = opener(path)
         return handles[path]
 

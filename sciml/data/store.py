@@ -71,7 +71,8 @@ class RowStore:
     # -- reading ------------------------------------------------------------------------------------------------
     def _read_sorted(self, rows: np.ndarray) -> dict[str, np.ndarray | list[np.ndarray]]:
         file_id, local = self.locate(rows)
-        parts = []
+        gathered: dict[str, _Gather] = {}
+        start = 0
         for f in np.unique(file_id):
             info = self.infos[int(f)]
             part = self.reader.read(info, local[file_id == f])
@@ -79,10 +80,10 @@ class RowStore:
             for key, value in part.items():
                 if len(value) != n:
                     raise SciMLError(f"{info.path}: the reader returned {len(value)} '{key}' rows for {n} requested")
-            if not self.labels:
-                part = {k: v for k, v in part.items() if k not in ("y", "w")}
-            parts.append(part)
-        return {k: _concat([p[k] for p in parts]) for k in parts[0]}
+                if key not in ("y", "w") or self.labels:
+                    gathered.setdefault(key, _Gather(len(rows))).put(start, value)
+            start += n
+        return {k: g.result() for k, g in gathered.items()}
 
     def load(self, rows: np.ndarray, max_bytes: float) -> bool:
         """Keep `rows` in memory when their inputs fit in `max_bytes`; otherwise reads stay per batch. Returns which."""
@@ -111,13 +112,46 @@ class RowStore:
         else:  # not held (or not all of them: e.g. training rows read once after a test-only run)
             sorted_rows = np.unique(index)  # one sorted read per file; repeated rows (oversampling) read once
             values = self._read_sorted(sorted_rows)
-            position = np.searchsorted(sorted_rows, index)
-            batch = {k: _take(v, position) for k, v in values.items()}
+            if len(sorted_rows) == len(index) and np.array_equal(sorted_rows, index):
+                batch = values  # asked in order (a streamed buffer): no second copy
+            else:
+                position = np.searchsorted(sorted_rows, index)
+                batch = {k: _take(v, position) for k, v in values.items()}
         batch["index"] = index
         return batch
 
+    def read_labels(self, index: np.ndarray) -> np.ndarray:
+        """Labels of sorted, unique global rows: from memory when held, else through the reader's labels-only read."""
+        if self.in_memory:
+            return np.asarray(self.read(index)["y"])
+        file_id, local = self.locate(np.asarray(index, dtype=np.int64))
+        return _concat([np.asarray(self.reader.read_labels(self.infos[int(f)], local[file_id == f]))
+                        for f in np.unique(file_id)])
+
     def close(self) -> None:
         self.reader.close()
+
+
+class _Gather:
+    """The rows of one key, read file by file, copied into one array allocated at the first part (memory: the rows
+    plus one file's part, not twice the rows); a list of per-row arrays once parts differ in shape (volumes of
+    different sizes)."""
+
+    def __init__(self, rows: int):
+        self.rows, self.array, self.list = rows, None, None
+
+    def put(self, start: int, value: np.ndarray) -> None:
+        if self.list is None and self.array is None:
+            self.array = np.empty((self.rows, *value.shape[1:]), dtype=value.dtype)
+        if self.list is None and self.array.shape[1:] == value.shape[1:]:
+            self.array[start:start + len(value)] = value
+            return
+        if self.list is None:  # shapes differ: rows so far become a list
+            self.list, self.array = list(self.array[:start]), None
+        self.list.extend(value)
+
+    def result(self) -> np.ndarray | list[np.ndarray]:
+        return self.array if self.list is None else self.list
 
 
 def _concat(parts: list) -> np.ndarray | list[np.ndarray]:

@@ -5,9 +5,10 @@ file's own chunking when the reader reports it, `FileInfo.meta["chunk_rows"]`), 
 every compressed chunk is decompressed once per epoch. Each epoch shuffles the order of the chunks (a function of
 seed and epoch: a resumed run replays it), and the rows within each buffer.
 
-The randomness trade-off: a batch mixes rows of `buffer_chunks` chunks rather than of the whole split. With chunks of
-~1,000 rows and a 256 MB buffer (HEP images: ~13 chunks) the rows that meet in a batch change every epoch, but two
-rows of one chunk are always in the same buffer. Files written in a random order (as simulation output and most
+The randomness trade-off: a batch mixes rows of `buffer_chunks` chunks rather than of the whole split. Chunks are
+the file's own chunks grouped to at least 2 MB (HEP images: 128 rows; climate fields: 10 time steps), and a buffer
+is at most 256 MB and a quarter of the memory budget (HEP under a 1.25 GiB cap: about 50 chunks): the rows that meet
+in a batch change every epoch, but two rows of one chunk are always in the same buffer. Files written in a random order (as simulation output and most
 published samples are) lose nothing; files sorted by label or time should be read with smaller chunks
 (`data.stream_chunk_rows`). docs/performance.md measures the test metrics against full shuffling.
 """
@@ -22,10 +23,22 @@ from torch.utils.data import IterableDataset, get_worker_info
 from sciml.data.datasets import as_tensors
 
 
+CHUNK_BYTES = 2 * 2**20  # the least a streamed chunk reads: tiny file chunks (one time step) are grouped
+
+
+def chunk_size(store, info, chunk_rows: int | None) -> int:
+    """Rows per streamed chunk of one file: `chunk_rows`, else whole file chunks (`meta["chunk_rows"]`, else one
+    row) grouped to at least CHUNK_BYTES, so that a buffer holds few large reads rather than many small ones."""
+    if chunk_rows:
+        return int(chunk_rows)
+    unit = int(info.meta.get("chunk_rows") or 1)
+    return unit * max(1, math.ceil(CHUNK_BYTES / (unit * store.row_bytes())))
+
+
 def chunks_of(store, rows: np.ndarray, chunk_rows: int | None) -> list[np.ndarray]:
     """`rows` (sorted, global) cut into chunks that never cross a file, aligned with each file's chunking."""
     file_id, local = store.locate(rows)
-    sizes = np.array([int(chunk_rows or info.meta.get("chunk_rows") or 1024) for info in store.infos])
+    sizes = np.array([chunk_size(store, info, chunk_rows) for info in store.infos])
     key = file_id.astype(np.int64) * (1 << 40) + local // sizes[file_id]
     cuts = np.flatnonzero(np.diff(key)) + 1
     return np.split(rows, cuts)
