@@ -104,6 +104,7 @@ class DataModule(pl.LightningDataModule):
         self.stream_chunk_rows, self.shuffle_buffer_mb = stream_chunk_rows, shuffle_buffer_mb
         self.streamed = False   # training rows read chunk by chunk (they do not fit in memory)
         self._buffer_chunks: int | None = None  # chunks per streaming buffer: fixed once, kept in checkpoints
+        self._train_chunks: list[np.ndarray] = []  # this rank's streamed training chunks
         self.store = None       # the rows of `path`
         self.test_store = None  # the rows tested and predicted (`test_path`, or `store`)
         self.split_rows: dict[str, np.ndarray] = {}  # the rows of each split of `path`, all ranks' (not sharded)

@@ -113,7 +113,7 @@ class RowStore:
             sorted_rows = np.unique(index)  # one sorted read per file; repeated rows (oversampling) read once
             values = self._read_sorted(sorted_rows)
             if len(sorted_rows) == len(index) and np.array_equal(sorted_rows, index):
-                batch = values  # asked in order (a streamed buffer): no second copy
+                batch = {k: _take(v, None) for k, v in values.items()}  # in order (a streamed buffer): no copy
             else:
                 position = np.searchsorted(sorted_rows, index)
                 batch = {k: _take(v, position) for k, v in values.items()}
@@ -121,12 +121,15 @@ class RowStore:
         return batch
 
     def read_labels(self, index: np.ndarray) -> np.ndarray:
-        """Labels of sorted, unique global rows: from memory when held, else through the reader's labels-only read."""
+        """Labels of sorted, unique global rows (flattened per row when rows differ in shape): from memory when
+        held, else through the reader's labels-only read."""
         if self.in_memory:
             return np.asarray(self.read(index)["y"])
         file_id, local = self.locate(np.asarray(index, dtype=np.int64))
-        return _concat([np.asarray(self.reader.read_labels(self.infos[int(f)], local[file_id == f]))
-                        for f in np.unique(file_id)])
+        parts = [np.asarray(self.reader.read_labels(self.infos[int(f)], local[file_id == f]))
+                 for f in np.unique(file_id)]
+        labels = _concat(parts)
+        return labels if isinstance(labels, np.ndarray) else np.concatenate([p.ravel() for p in parts])
 
     def close(self) -> None:
         self.reader.close()
@@ -138,20 +141,25 @@ class _Gather:
     different sizes)."""
 
     def __init__(self, rows: int):
-        self.rows, self.array, self.list = rows, None, None
+        self.rows = rows
+        self.array: np.ndarray | None = None
+        self.list: list[np.ndarray] | None = None
 
     def put(self, start: int, value: np.ndarray) -> None:
-        if self.list is None and self.array is None:
-            self.array = np.empty((self.rows, *value.shape[1:]), dtype=value.dtype)
-        if self.list is None and self.array.shape[1:] == value.shape[1:]:
-            self.array[start:start + len(value)] = value
-            return
-        if self.list is None:  # shapes differ: rows so far become a list
-            self.list, self.array = list(self.array[:start]), None
+        if self.list is None:
+            if self.array is None:
+                self.array = np.empty((self.rows, *value.shape[1:]), dtype=value.dtype)
+            if self.array.shape[1:] == value.shape[1:]:
+                self.array[start:start + len(value)] = value
+                return
+            self.list, self.array = list(self.array[:start]), None  # shapes differ: rows so far become a list
         self.list.extend(value)
 
     def result(self) -> np.ndarray | list[np.ndarray]:
-        return self.array if self.list is None else self.list
+        if self.list is not None:
+            return self.list
+        assert self.array is not None, "no part was put"
+        return self.array
 
 
 def _concat(parts: list) -> np.ndarray | list[np.ndarray]:
@@ -161,10 +169,11 @@ def _concat(parts: list) -> np.ndarray | list[np.ndarray]:
     return [row for p in parts for row in p]
 
 
-def _take(values, position: np.ndarray) -> np.ndarray:
+def _take(values, position: np.ndarray | None) -> np.ndarray:
+    """Rows `position` of `values` (None: all, in order, without a copy) as one array."""
     if isinstance(values, np.ndarray):
-        return values[position]
-    chosen = [values[int(p)] for p in position]
+        return values if position is None else values[position]
+    chosen = list(values) if position is None else [values[int(p)] for p in position]
     if len({c.shape for c in chosen}) > 1:
         raise SciMLError("rows of different shapes cannot share a batch; evaluate them one per batch")
     return np.stack(chosen)

@@ -7,10 +7,11 @@ seed and epoch: a resumed run replays it), and the rows within each buffer.
 
 The randomness trade-off: a batch mixes rows of `buffer_chunks` chunks rather than of the whole split. Chunks are
 the file's own chunks grouped to at least 2 MB (HEP images: 128 rows; climate fields: 10 time steps), and a buffer
-is at most 256 MB and a quarter of the memory budget (HEP under a 1.25 GiB cap: about 50 chunks): the rows that meet
-in a batch change every epoch, but two rows of one chunk are always in the same buffer. Files written in a random order (as simulation output and most
-published samples are) lose nothing; files sorted by label or time should be read with smaller chunks
-(`data.stream_chunk_rows`). docs/performance.md measures the test metrics against full shuffling.
+is at most 256 MB and a quarter of the memory budget (HEP under a 1.25 GiB cap: about 40 chunks): the rows that meet
+in a batch change every epoch, but two rows of one chunk are always in the same buffer. Files written in a random
+order (as simulation output and most published samples are) lose nothing; files sorted by label or time should be
+read with smaller chunks (`data.stream_chunk_rows`). docs/performance.md measures the test metrics against full
+shuffling.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sciml.data.datasets import as_tensors
-
 
 CHUNK_BYTES = 2 * 2**20  # the least a streamed chunk reads: tiny file chunks (one time step) are grouped
 
