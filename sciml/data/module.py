@@ -294,7 +294,7 @@ class DataModule(pl.LightningDataModule):
         rows = np.sort(self.train_rows if rows is None else np.intersect1d(self.train_rows, rows))
         counts = np.zeros(0)
         for i in range(0, len(rows), 256):
-            y = np.asarray(self.store.read_labels(rows[i:i + 256])).astype(np.int64).ravel()
+            y = self.store.read_labels(rows[i:i + 256]).astype(np.int64)
             found = np.bincount(y)
             counts = np.pad(counts, (0, max(0, len(found) - len(counts))))
             counts[:len(found)] += found
@@ -340,12 +340,16 @@ class DataModule(pl.LightningDataModule):
             return position
         return getattr(self.trainer, "current_epoch", 0), 0
 
+    def _chunk_rows(self) -> int:
+        """Rows of this rank's largest streamed chunk."""
+        return max(len(c) for c in self._train_chunks)
+
     def _streaming_buffer(self) -> int:
         """Chunks per streaming buffer: `shuffle_buffer_mb`, at most a quarter of the memory budget (a buffer being
         read, its copy while it is cut into batches, the batches queued for training, and headroom). Decided once
         per run and kept in checkpoints: the training order depends on it, and a resumed run replays that order."""
         if self._buffer_chunks is None:
-            chunk_bytes = self.store.row_bytes() * max(len(c) for c in self._train_chunks)
+            chunk_bytes = self.store.row_bytes() * self._chunk_rows()
             limit = min(self.shuffle_buffer_mb * 2**20, self._budget() / 4)
             self._buffer_chunks = max(1, int(limit // chunk_bytes))
         return self._buffer_chunks
@@ -355,7 +359,7 @@ class DataModule(pl.LightningDataModule):
             chunks = self._streaming_buffer()
             stream = ChunkStream(self.store, self._train_chunks, self.batch_size, chunks, self.seed)
             workers = self._workers(streamed=True)
-            rows = chunks * max(len(c) for c in self._train_chunks)
+            rows = chunks * self._chunk_rows()
             # with workers, the queue holds a buffer's batches: the next buffer is read while this one trains
             prefetch = max(2, -(-rows // self.batch_size)) if workers else None
             log.info("streaming: buffers of %d chunk(s), up to %d rows (%.0f MB), %d loader worker(s)%s", chunks,

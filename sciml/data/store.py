@@ -121,15 +121,13 @@ class RowStore:
         return batch
 
     def read_labels(self, index: np.ndarray) -> np.ndarray:
-        """Labels of sorted, unique global rows (flattened per row when rows differ in shape): from memory when
-        held, else through the reader's labels-only read."""
+        """The labels of sorted, unique global rows, flattened (for counting): from memory when held, else through
+        the reader's labels-only read."""
         if self.in_memory:
-            return np.asarray(self.read(index)["y"])
+            return np.asarray(self.read(index)["y"]).ravel()
         file_id, local = self.locate(np.asarray(index, dtype=np.int64))
-        parts = [np.asarray(self.reader.read_labels(self.infos[int(f)], local[file_id == f]))
-                 for f in np.unique(file_id)]
-        labels = _concat(parts)
-        return labels if isinstance(labels, np.ndarray) else np.concatenate([p.ravel() for p in parts])
+        return np.concatenate([np.asarray(self.reader.read_labels(self.infos[int(f)], local[file_id == f])).ravel()
+                               for f in np.unique(file_id)])
 
     def close(self) -> None:
         self.reader.close()
