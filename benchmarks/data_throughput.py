@@ -260,8 +260,11 @@ def rate(args, workdir: Path) -> str:
     return "\n".join(lines)
 
 
+METRIC_KEYS = {"hep": "test/auc,test/acc", "climate": "test/miou,test/iou_tc,test/iou_ar"}  # the metrics.json keys
+
+
 def metrics(args, workdir: Path) -> str:
-    keys = args.metric_keys.split(",")
+    keys = (args.metric_keys or METRIC_KEYS[args.plugin]).split(",")
     runs = {"streamed": [], "in memory": []}
     for seed in range(1, args.seeds + 1):
         for name, memory in (("streamed", args.stream_memory_gb), ("in memory", 1e6)):
@@ -338,7 +341,7 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=256)
     parser.add_argument("--buffer-mb", type=float, default=32)
     parser.add_argument("--stream-memory-gb", type=float, default=0.001)
-    parser.add_argument("--metric-keys", default="test/auc,test/accuracy")
+    parser.add_argument("--metric-keys", default=None, help="comma-separated test metrics (default: the plugin's)")
     parser.add_argument("--out", type=Path, default=DOC, help="markdown file for the table (between markers)")
     parser.add_argument("--name", help="the table's marker and JSON name (default: data-MODE-PLUGIN)")
     parser.add_argument("extra", nargs="*", help="more overrides for every run")

@@ -69,6 +69,28 @@ def bootstrap(scores: dict[str, np.ndarray], labels, weights, resamples: int, se
     return result
 
 
+def train_network(name: str, run_dir: Path, seed: int | None, args) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Train and test one network with sciml's CLI (a finished run in `run_dir` is reused): its test rows, scores,
+    parameters and wall time."""
+    timing = run_dir / "wall_seconds.txt"
+    if (run_dir / "metrics.json").exists() and timing.exists():  # reuse a finished run (minutes of CPU)
+        print(f"reusing the {name} run in {run_dir}")
+    else:
+        command = [sys.executable, "-m", "sciml", "+plugin=hep", *NETWORKS[name][1], f"data.path={args.data}",
+                   f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", *args.overrides]
+        if args.epochs:
+            command.append(f"trainer.max_epochs={args.epochs}")
+        if seed is not None:
+            command.append(f"seed={seed}")
+        start = time.time()
+        subprocess.run(command, check=True)
+        timing.write_text(f"{time.time() - start:.0f}\n")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    with h5py.File(run_dir / "predictions" / f"{args.data.stem}_scores.h5") as h5:
+        rows, scores = h5["row"][...], h5["score"][...]
+    return rows, scores, {"params": int(metrics.get("model/params", 0)), "seconds": float(timing.read_text())}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("benchmarks/data/hep_top_qcd_large.h5"))
@@ -77,6 +99,9 @@ def main(argv=None):
     parser.add_argument("--run-dir", type=Path, default=Path("benchmarks/runs/hep_physics"))
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the plugin's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="training seeds of the networks (default: the config's); the table's intervals are "
+                             "the first seed's, a second table gives the spread over seeds")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the test jets")
     parser.add_argument("--out", type=Path, default=Path("docs/hep-physics.md"))
     parser.add_argument("overrides", nargs="*", help="extra sciml overrides for every network run")
@@ -90,27 +115,17 @@ def main(argv=None):
         simulate(args.n_jets, args.data, seed=args.seed, n_constituents=30)
         print(f"generated {2 * args.n_jets} jets in {time.time() - start:.0f} s")
 
-    scores, rows, info = {}, None, {}
+    scores, rows, info, by_seed = {}, None, {}, {}
+    seeds = args.seeds or [None]
     for name in args.networks:
-        run_dir = args.run_dir / name
-        timing = run_dir / "wall_seconds.txt"
-        if (run_dir / "metrics.json").exists() and timing.exists():  # reuse a finished run (minutes of CPU)
-            print(f"reusing the {name} run in {run_dir}")
-        else:
-            command = [sys.executable, "-m", "sciml", "+plugin=hep", *NETWORKS[name][1], f"data.path={args.data}",
-                       f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", *args.overrides]
-            if args.epochs:
-                command.append(f"trainer.max_epochs={args.epochs}")
-            start = time.time()
-            subprocess.run(command, check=True)
-            timing.write_text(f"{time.time() - start:.0f}\n")
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        info[name] = {"params": int(metrics.get("model/params", 0)), "seconds": float(timing.read_text())}
-        with h5py.File(run_dir / "predictions" / f"{args.data.stem}_scores.h5") as h5:
-            run_rows, scores[name] = h5["row"][...], h5["score"][...]
-        if rows is not None and not np.array_equal(rows, run_rows):
-            raise SystemExit(f"{name}: tested other rows than {args.networks[0]} (data.split_seed must agree)")
-        rows = run_rows
+        for seed in seeds:
+            run_dir = args.run_dir / (name if seed is None else f"{name}_seed{seed}")
+            run_rows, run_scores, run_info = train_network(name, run_dir, seed, args)
+            if rows is not None and not np.array_equal(rows, run_rows):
+                raise SystemExit(f"{run_dir}: tested other rows than the first run (data.split_seed must agree)")
+            rows = run_rows
+            by_seed.setdefault(name, []).append({"seed": seed, "scores": run_scores, **run_info})
+        scores[name], info[name] = by_seed[name][0]["scores"], by_seed[name][0]
 
     with h5py.File(args.data) as h5:
         labels, weights = h5["label"][...], h5["normweight"][...]
@@ -157,13 +172,26 @@ def main(argv=None):
     verdict = (f"Best AUC: {described[first]}, ahead of {described[second]} by "
                f"{stats[first]['auc'][0] - stats[second]['auc'][0]:.4f} (95 % paired bootstrap interval "
                f"[{np.percentile(diff, 2.5):.4f}, {np.percentile(diff, 97.5):.4f}]).")
+    spread = ""
+    if len(seeds) > 1:  # training-seed spread of the networks, on the same test rows
+        rows_md = ["| network | test AUC per seed | mean ± s.d. | rejection at 50 % signal eff., mean ± s.d. "
+                   "| training time, mean |", "|---|---|---|---|---|"]
+        for name in sorted(by_seed, key=lambda n: -np.mean([working_points(r["scores"], y_test, w_test)["auc"]
+                                                            for r in by_seed[n]])):
+            points = [working_points(r["scores"], y_test, w_test) for r in by_seed[name]]
+            auc, r50 = np.array([p["auc"] for p in points]), np.array([p["r50"] for p in points])
+            minutes = np.mean([r["seconds"] for r in by_seed[name]]) / 60
+            rows_md.append(f"| {described[name]} | {', '.join(f'{a:.4f}' for a in auc)} | {auc.mean():.4f} ± "
+                           f"{auc.std(ddof=1):.4f} | {r50.mean():.1f} ± {r50.std(ddof=1):.1f} | {minutes:.1f} min |")
+        spread = (f"\nOver training seeds {', '.join(map(str, seeds))} (initial weights and batch order; the same "
+                  "split):\n\n" + "\n".join(rows_md) + "\n")
     with h5py.File(args.data) as h5:
         n_total = len(h5["label"])
     report = (f"Sample: {n_total} jets ({args.data.name}); test split {len(rows)} jets, the same rows for every "
               f"classifier; networks trained with sciml's defaults{f' for {args.epochs} epochs' if args.epochs else ''}"
-              f" (training time: the whole CLI run, testing included), feature classifiers on the non-test rows; "
+              f"{f' (table: seed {seeds[0]})' if seeds[0] is not None else ''} (training time: the whole CLI run, testing included), feature classifiers on the non-test rows; "
               f"intervals from {args.bootstrap} bootstrap resamples of the test jets.\n\n"
-              + "\n".join(lines) + f"\n\n{verdict}\n")
+              + "\n".join(lines) + f"\n\n{verdict}\n" + spread)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("<!-- written by benchmarks/hep_physics.py -->\n" + report)

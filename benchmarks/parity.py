@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -37,7 +38,7 @@ from gpu_bench import compose  # noqa: E402
 from markers import replace_block  # noqa: E402
 
 from sciml.optim.factory import build_optimizer, build_scheduler  # noqa: E402
-from sciml.run import _strategy  # noqa: E402
+from sciml.run import _strategy, hand_shapes_to_model  # noqa: E402
 from sciml.threads import configure_threads  # noqa: E402
 
 # Small per-plugin settings so that a round takes a minute or two on 2 cores; the network, optimizer and batch
@@ -96,6 +97,7 @@ def sciml_run(plugin: str, overrides: list[str], epochs: int, batches: int, keep
     pl.seed_everything(cfg.seed, workers=True)  # as sciml.run.run, in the same order
     datamodule = instantiate(cfg.data)
     fixed_order(datamodule, cfg.seed)
+    hand_shapes_to_model(cfg, datamodule)  # as sciml.run: the data's row shape becomes model.input_shape
     model = instantiate(cfg.model)
     task = instantiate(cfg.task, model=model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False)
     clock = EpochClock(keep)
@@ -113,6 +115,7 @@ def raw_run(plugin: str, overrides: list[str], epochs: int, batches: int, keep: 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     fixed_order(datamodule, cfg.seed)
+    hand_shapes_to_model(cfg, datamodule)  # as sciml.run: the data's row shape becomes model.input_shape
     model = instantiate(cfg.model)
     task = instantiate(cfg.task, model=model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False)
     datamodule.setup("fit")
@@ -124,6 +127,8 @@ def raw_run(plugin: str, overrides: list[str], epochs: int, batches: int, keep: 
     device = torch.device("cpu")
     task.to(device)
     train, val = datamodule.train_dataloader(), datamodule.val_dataloader()
+    # the one trainer attribute a datamodule's batch hook reads: training (tumour slices are augmented only then)
+    phase = datamodule.trainer = SimpleNamespace(training=False)
     steps_per_epoch = min(batches, len(train))
     optimizer = build_optimizer(cfg.optimizer, task.model, datamodule.batch_size)
     scheduler = build_scheduler(cfg.scheduler or {}, optimizer, steps_per_epoch * epochs, steps_per_epoch)
@@ -135,13 +140,14 @@ def raw_run(plugin: str, overrides: list[str], epochs: int, batches: int, keep: 
                 if i == limit:
                     break
                 batch = datamodule.on_after_batch_transfer({k: v.to(device) for k, v in batch.items()}, 0)
-                task(batch["x"])
+                task.evaluate_batch(batch, "val")  # as validation_step (volumes: a sliding window)
         task.train()
 
     validate(2)  # the Trainer's sanity check
     torch.manual_seed(SEED)
     losses, times = [], []
     for _ in range(epochs):
+        phase.training = True
         start, cpu_start, samples = time.perf_counter(), time.process_time(), 0
         for i, batch in enumerate(train):
             if i == batches:
@@ -159,6 +165,7 @@ def raw_run(plugin: str, overrides: list[str], epochs: int, batches: int, keep: 
             if len(losses) < keep:
                 losses.append(float(loss))
         times.append((samples, end - start, cpu_end - cpu_start))
+        phase.training = False
         validate(2)
     return losses, times
 

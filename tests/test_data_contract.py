@@ -252,6 +252,27 @@ def test_streamed_shards_are_equal_and_disjoint_across_ranks(tmp_path):
     assert len(shards[0]) == len(shards[1]) == 45 and not set(shards[0]) & set(shards[1])
 
 
+def test_streamed_ranks_run_the_same_number_of_batches(tmp_path):
+    """Equal rows are not enough for DDP: with chunks of uneven sizes, batches cut per buffer gave one rank a batch
+    more than the other, and the 2-rank run hung in a collective until gloo's 30-minute timeout."""
+    from sciml.data.stream import ChunkStream, chunks_of, shard_chunks
+
+    store = RowStore(Npz(), [write(tmp_path / "a.npz", 37), write(tmp_path / "b.npz", 58)])
+    store.load(np.arange(95), 1e9)
+    chunks = chunks_of(store, np.arange(95), 10)  # files cut into chunks of 10, 7 and 8 rows
+    counts = {}
+    for rank in range(2):
+        stream = ChunkStream(store, shard_chunks(chunks, rank, 2), batch_size=4, buffer_chunks=2, seed=0)
+        for epoch in range(3):
+            stream.set_epoch(epoch)
+            batches = [b["index"].numpy() for b in stream]
+            assert len(batches) == len(stream) == -(-stream.rows // 4)
+            assert all(len(b) == 4 for b in batches[:-1])
+            assert np.array_equal(np.sort(np.concatenate(batches)), np.sort(np.concatenate(stream.chunks)))
+            counts.setdefault(epoch, set()).add(len(batches))
+    assert all(len(c) == 1 for c in counts.values()), counts
+
+
 def test_a_sample_of_training_rows_for_the_overtraining_check(tmp_path):
     """The overtraining check scores as many training rows as test rows: a seeded subset of this rank's training
     rows, not a pass over all of them (10 GiB streamed at scale)."""

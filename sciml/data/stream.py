@@ -71,9 +71,19 @@ class ChunkStream(IterableDataset):
         self.epoch = int(epoch)
 
     def _buffers(self) -> list[np.ndarray]:
+        """The epoch's buffers: shuffled chunks, `buffer_chunks` at a time. Every buffer but the last holds whole
+        batches (a tail shorter than a batch moves on to the next buffer), so the epoch has ceil(rows / batch)
+        batches whatever the chunk sizes: DDP ranks with equal rows then run equal batch counts (a rank with one
+        batch more waits in its collective until the timeout)."""
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.chunks))
         groups = [order[i:i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
-        return [np.concatenate([self.chunks[c] for c in g]) for g in groups]
+        buffers, tail = [], np.zeros(0, np.int64)
+        for number, group in enumerate(groups):
+            rows = np.concatenate([tail, *(self.chunks[c] for c in group)])
+            whole = len(rows) if number == len(groups) - 1 else len(rows) - len(rows) % self.batch_size
+            buffers.append(rows[:whole])
+            tail = rows[whole:]
+        return buffers
 
     def __len__(self) -> int:
         return sum(math.ceil(len(b) / self.batch_size) for b in self._buffers())
