@@ -345,7 +345,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DOC, help="markdown file for the table (between markers)")
     parser.add_argument("--name", help="the table's marker and JSON name (default: data-MODE-PLUGIN)")
     parser.add_argument("extra", nargs="*", help="more overrides for every run")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow the options
     if not CGROUP.is_dir() or not os.access(CGROUP, os.W_OK):
         raise SystemExit(f"{CGROUP}: a writable cgroup-v1 memory controller is needed (run as root)")
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
