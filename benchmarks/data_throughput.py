@@ -36,6 +36,7 @@ import numpy as np
 import pytorch_lightning as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import TEST_METRICS  # noqa: E402
 from markers import replace_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,11 +261,8 @@ def rate(args, workdir: Path) -> str:
     return "\n".join(lines)
 
 
-METRIC_KEYS = {"hep": "test/auc,test/acc", "climate": "test/miou,test/iou_tc,test/iou_ar"}  # the metrics.json keys
-
-
 def metrics(args, workdir: Path) -> str:
-    keys = (args.metric_keys or METRIC_KEYS[args.plugin]).split(",")
+    keys = args.metric_keys.split(",") if args.metric_keys else TEST_METRICS[args.plugin]
     runs = {"streamed": [], "in memory": []}
     for seed in range(1, args.seeds + 1):
         for name, memory in (("streamed", args.stream_memory_gb), ("in memory", 1e6)):

@@ -40,6 +40,12 @@ from sciml.threads import configure_threads  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 PLUGINS = ("hep", "climate", "tumor", "hail")
+TEST_METRICS = {  # the metrics.json keys that judge a plugin's runs in the benchmarks
+    "hep": ["test/auc", "test/acc", "test/bkg_rej_at_sig_eff_0.5"],
+    "climate": ["test/miou", "test/iou_tc", "test/iou_ar"],
+    "tumor": ["test/dice_wt", "test/dice_tc", "test/dice_et"],
+    "hail": ["test/loss"],
+}
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
 # Dense peak FLOP/s by device name: bf16 on tensor cores, fp32 without (TF32 off, torch's default for matmuls).
 PEAKS = {"H200": {"bf16": 989e12, "fp32": 67e12}, "H100": {"bf16": 989e12, "fp32": 67e12},

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import TEST_METRICS  # noqa: E402
 from markers import replace_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,9 +30,6 @@ OPTIONS = {
     "bf16 channels-last": ["trainer.precision=bf16-mixed", "callbacks.speed.channels_last=true"],
     "bf16 autocast": ["trainer.precision=bf16-mixed"],
 }
-METRICS = {"hep": ["test/auc", "test/acc", "test/bkg_rej_at_sig_eff_0.5"],
-           "climate": ["test/miou", "test/iou_tc", "test/iou_ar"],
-           "tumor": ["test/dice_wt", "test/dice_tc", "test/dice_et"], "hail": ["test/loss"]}
 
 
 def run(plugin: str, seed: int, overrides: list[str], workdir: Path) -> dict:
@@ -48,13 +46,13 @@ def run(plugin: str, seed: int, overrides: list[str], workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plugin", default="hep", choices=list(METRICS))
+    parser.add_argument("--plugin", default="hep", choices=list(TEST_METRICS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--options", nargs="+", default=["fp32", "bf16 channels-last"], choices=list(OPTIONS))
     parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args()
-    keys = METRICS[args.plugin]
+    keys = TEST_METRICS[args.plugin]
     runs: dict[str, list[dict]] = {name: [] for name in args.options}
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
         for seed in range(1, args.seeds + 1):
