@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "performance.md"
 CGROUP = Path("/sys/fs/cgroup/memory")
 GiB = 2**30
+LOADER = re.compile(r"(\d+) loader worker\(s\) \((.*)\)(?:, \d+ batches prefetched)?\s*$")  # the streaming log line
 # a short epoch: few validation and test batches (the rate is the training loop's), no plots
 RUN = ["trainer.max_epochs=1", "callbacks.progress_bar=null", "data.val_size=0.01", "data.test_size=0.01",
        "+trainer.limit_val_batches=5", "+trainer.limit_test_batches=5", "+trainer.limit_predict_batches=1"]
@@ -206,6 +208,8 @@ def train(plugin: str, data: Path | None, overrides: list[str], cap: float | Non
     log = (out / "run.log").read_text(errors="replace")
     result["placement"] = [line.split(": ", 1)[-1] for line in log.splitlines()
                            if "held in memory" in line or "streamed in chunks" in line][:1]
+    # the streamed loader's workers and why (num_workers=auto decides from the CPUs and torch threads)
+    result["loader"] = [f"{m[1]} worker(s): {m[2]}" for m in map(LOADER.search, log.splitlines()) if m][:1]
     if code != 0:
         tail = "\n".join(log.splitlines()[-5:])
         print(f"run failed ({code}, OOM kills {result['oom_kills']}): {out}\n{tail}", flush=True)
@@ -253,7 +257,9 @@ def rate(args, workdir: Path) -> str:
     lines += ["", f"`{args.plugin}`: {len(list(folder.glob('tile_*')))} tiles, {size / GiB:.1f} GiB on disk, "
               f"{args.factor:g}x the {args.cap_gb:g} GiB cap as float32 inputs; {args.batches} training batches per "
               f"run, {args.pairs} interleaved pairs; streamed / in-memory rate: **{ratio}**. Placement logged: "
-              f"{(pairs[0]['streamed'].get('placement') or ['-'])[0]}. Load average at the end {load[0]:.1f} on "
+              f"{(pairs[0]['streamed'].get('placement') or ['-'])[0]}; streamed runs' loader: "
+              f"{' / '.join(dict.fromkeys((p['streamed'].get('loader') or ['-'])[0] for p in pairs))}. Load "
+              f"average at the end {load[0]:.1f} on "
               f"{os.cpu_count()} CPUs. Command: `PYTHONPATH=. python benchmarks/data_throughput.py rate --plugin "
               f"{args.plugin} --cap-gb {args.cap_gb:g} --factor {args.factor:g} --pairs {args.pairs} --batches "
               f"{args.batches}{' ' + ' '.join(args.extra) if args.extra else ''}`"]

@@ -167,6 +167,9 @@ def raw_run(plugin: str, overrides: list[str], epochs: int, batches: int, keep: 
         times.append((samples, end - start, cpu_end - cpu_start))
         phase.training = False
         validate(2)
+    # as the Trainer does: close the data files here, not whenever the garbage collector runs (netCDF-C is not
+    # thread-safe, and a collection in another thread, such as the next run's progress-bar thread, crashed hail)
+    datamodule.teardown("fit")
     return losses, times
 
 

@@ -312,15 +312,35 @@ def test_streaming_buffer_is_a_quarter_of_the_memory_budget_and_kept_in_checkpoi
     assert resumed._streaming_buffer() == 5, "a resumed run keeps the buffer (and so the order) it started with"
 
 
-def test_num_workers_auto_reads_streamed_rows_in_a_worker_only(tmp_path):
+def test_num_workers_auto_reads_streamed_rows_in_a_worker_only_where_a_cpu_is_spare(tmp_path, monkeypatch):
+    """auto: a reading worker for streamed rows when the rank has a CPU its torch threads leave free, none when the
+    threads take them all (the worker would slow them) and none for rows held in memory."""
+    import sciml.data.module as module
+    from sciml.resources import CPUs
+
+    monkeypatch.setattr(module, "usable_cpus", lambda: CPUs(4, {"affinity": 4}))
     path = [str(write(tmp_path / "a.npz", 400))]
     streamed = DataModule(reader=Npz, path=path, max_memory_gb=1e-6, stream_chunk_rows=20)
     held = DataModule(reader=Npz, path=path)
     for dm in (streamed, held):
         dm.setup("fit")
-    loader = streamed.train_dataloader()
-    assert loader.num_workers == 1 and loader.prefetch_factor >= 2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        loader = streamed.train_dataloader()
+        assert loader.num_workers == 1 and loader.prefetch_factor >= 2
+        assert streamed._workers(streamed=True)[1] == "a spare CPU: 4 usable CPU(s) / 1 local rank(s), 3 torch thread(s)"
+        torch.set_num_threads(4)
+        assert streamed.train_dataloader().num_workers == 0
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on the node: 2 CPUs each
+        torch.set_num_threads(1)
+        assert streamed.train_dataloader().num_workers == 1
+        torch.set_num_threads(2)
+        assert streamed.train_dataloader().num_workers == 0
+    finally:
+        torch.set_num_threads(threads)
     assert held.train_dataloader().num_workers == 0 and streamed.val_dataloader().num_workers == 0
+    assert DataModule(reader=Npz, path=path, num_workers=2)._workers(streamed=True) == (2, "data.num_workers")
     assert len(torch.cat([b["index"] for b in loader])) == len(streamed.rows["train"])
     with pytest.raises(SciMLError, match="data.num_workers: expected auto or a number >= 0, got 'two'"):
         DataModule(reader=Npz, path=path, num_workers="two")

@@ -105,7 +105,7 @@ class BraTSDataModule(DataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = TumourSampler(weights, max(1, self.samples_per_epoch // world), self.seed, rank)
-        workers = self._workers()
+        workers, _ = self._workers()
         return EpochLoader(slices, batch_size=self.batch_size, sampler=sampler, collate_fn=keep_batch,
                            num_workers=workers, persistent_workers=workers > 0, position=self._position)
 

@@ -30,6 +30,7 @@ from sciml.data.sampler import EpochLoader, EpochShuffle
 from sciml.data.splits import shard, split
 from sciml.data.stream import ChunkStream, chunks_of, shard_chunks, worker_init
 from sciml.errors import SciMLError
+from sciml.resources import local_ranks, usable_cpus, usable_memory
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
@@ -39,8 +40,6 @@ def memory_budget_bytes(devices=None) -> float:
     """Bytes this process may fill with data rows: half of what it may really use (its cgroup limit or the memory
     available, whichever is smaller), divided among the ranks on the node; the other half is headroom for the
     network, activations, loaders and Python."""
-    from sciml.resources import local_ranks, usable_memory
-
     return 0.5 * usable_memory(local_ranks(devices)[0]).bytes
 
 
@@ -63,8 +62,10 @@ class DataModule(pl.LightningDataModule):
         stream_chunk_rows: rows per chunk when streaming (null: the file's own chunks, grouped to at least 2 MB).
         shuffle_buffer_mb: rows shuffled together when streaming (a buffer of whole chunks); at most a quarter of
             the memory budget, so that a buffer being read, one being trained on and the loader's queue fit.
-        num_workers: DataLoader worker processes (reading and decoding in parallel); auto: one for streamed
-            training rows (the next buffer is read while the current one trains), none for rows held in memory.
+        num_workers: DataLoader worker processes (reading and decoding in parallel); auto: for streamed training
+            rows one worker (the next buffer is read while the current one trains) where a CPU is spare (training on
+            a GPU, or fewer torch threads than the rank's CPUs), none where the training threads take every CPU (a
+            worker would slow them more than reading in the loop does); none for rows held in memory.
         seed: the training order (a function of seed and epoch, so a resumed run replays it exactly).
     """
 
@@ -312,14 +313,25 @@ class DataModule(pl.LightningDataModule):
         """The training rows as a dataset (plugins may add per-row keys, e.g. `labeled`)."""
         return Rows(self.store, rows)
 
-    def _workers(self, streamed: bool = False) -> int:
-        """DataLoader workers: `num_workers`, or with auto one for the streamed training rows and none otherwise."""
-        if self.num_workers == "auto":
-            return 1 if streamed else 0
-        return int(self.num_workers)
+    def _workers(self, streamed: bool = False) -> tuple[int, str]:
+        """DataLoader workers and why: `num_workers`, or with auto one for the streamed training rows where a CPU is
+        spare, none otherwise: on a 2-core node whose two training threads used both cores, a reading worker took
+        a core from them (HEP streamed at 0.78x of in memory with one, 1.08x without; docs/performance.md)."""
+        if self.num_workers != "auto":
+            return int(self.num_workers), "data.num_workers"
+        if not streamed:
+            return 0, "rows held in memory"
+        trainer = self.trainer
+        if trainer is not None and trainer.strategy.root_device.type != "cpu":
+            return 1, "training on an accelerator: host CPUs are spare"
+        cpus = usable_cpus().count
+        ranks, _ = local_ranks(trainer.num_devices if trainer is not None else 1)
+        spare = cpus // ranks - torch.get_num_threads()
+        why = f"{cpus} usable CPU(s) / {ranks} local rank(s), {torch.get_num_threads()} torch thread(s)"
+        return (1, f"a spare CPU: {why}") if spare >= 1 else (0, f"no spare CPU: {why}")
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler=None) -> DataLoader:
-        workers = self._workers()
+        workers, _ = self._workers()
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=keep_batch,
                           num_workers=workers, persistent_workers=workers > 0, pin_memory=self._pin_memory())
 
@@ -358,18 +370,18 @@ class DataModule(pl.LightningDataModule):
         if self.streamed:
             chunks = self._streaming_buffer()
             stream = ChunkStream(self.store, self._train_chunks, self.batch_size, chunks, self.seed)
-            workers = self._workers(streamed=True)
+            workers, why = self._workers(streamed=True)
             rows = chunks * self._chunk_rows()
             # with workers, the queue holds a buffer's batches: the next buffer is read while this one trains
             prefetch = max(2, -(-rows // self.batch_size)) if workers else None
-            log.info("streaming: buffers of %d chunk(s), up to %d rows (%.0f MB), %d loader worker(s)%s", chunks,
-                     rows, rows * self.store.row_bytes() / 2**20, workers,
+            log.info("streaming: buffers of %d chunk(s), up to %d rows (%.0f MB), %d loader worker(s) (%s)%s", chunks,
+                     rows, rows * self.store.row_bytes() / 2**20, workers, why,
                      f", {prefetch} batches prefetched" if workers else "")
             # workers re-created each epoch: they take the epoch's order with them
             return EpochLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init,
                                prefetch_factor=prefetch, pin_memory=self._pin_memory(), position=self._position)
         dataset = self.train_dataset(self.rows["train"])
-        workers = self._workers()
+        workers, _ = self._workers()
         return EpochLoader(dataset, batch_size=self.batch_size, sampler=EpochShuffle(len(dataset), self.seed),
                            collate_fn=keep_batch, num_workers=workers, persistent_workers=workers > 0,
                            pin_memory=self._pin_memory(), position=self._position)
