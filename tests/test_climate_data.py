@@ -280,6 +280,56 @@ def _rewrite(path, src, drop=(), replace=None, dims=None):
     return path
 
 
+@pytest.mark.parametrize("form", ["NETCDF4", "NETCDF3_64BIT_OFFSET"])
+def test_packed_fields_decode_as_xarray_decodes_them(folder, tmp_path, form):
+    """The reader CF-decodes rows itself (read with h5py from netCDF-4 files, with netCDF4 from classic ones):
+    packed int16 with scale and offset, signed bytes marked `_Unsigned`, `missing_value` instead of `_FillValue`,
+    dimensions in another order, file chunks of several time steps and a crop across the longitude seam give what
+    xarray's decoding gives; a `missing_value` in the rows is an error."""
+    src = xr.open_dataset(sorted(folder.glob("*.nc"))[0], decode_times=False)
+    path = tmp_path / "packed.nc"
+    chunked = {"chunksizes": (3, src.sizes["lat"], src.sizes["lon"])} if form == "NETCDF4" else {}
+    with netCDF4.Dataset(path, "w", format=form) as nc:
+        for name, size in src.sizes.items():
+            nc.createDimension(name, size)
+        for name in ("time", "lat", "lon"):
+            nc.createVariable(name, "f8", (name,))[:] = src[name].values
+        nc["time"].units = "hours since 2000-01-01"
+        tmq = nc.createVariable("TMQ", "i2", ("time", "lat", "lon"), fill_value=-32768, **chunked)
+        tmq.scale_factor, tmq.add_offset = 0.05, 800.0  # netCDF4 packs on write
+        tmq[:] = src["TMQ"].values
+        u = nc.createVariable("U850", "i2", ("time", "lon", "lat"))  # another dimension order
+        u.scale_factor, u.missing_value = 0.01, -999
+        u[:] = src["U850"].values.transpose(0, 2, 1)
+        v = nc.createVariable("V850", "i1", ("time", "lat", "lon"))  # unsigned bytes stored signed
+        v.setncattr("_Unsigned", "true")
+        v.set_auto_scale(False)
+        v[:] = np.arange(src["V850"].size).reshape(src["V850"].shape) % 256 - 128
+        nc.createVariable("PSL", "f4", ("time", "lat", "lon"))[:] = src["PSL"].values
+        nc.createVariable("LABELS", "u1" if form == "NETCDF4" else "i2", ("time", "lat", "lon"), **chunked)[:] = \
+            src["LABELS"].values
+    expected = xr.load_dataset(path, decode_times=False)
+    for crop in (None, {"lon": [300, 60]}):
+        reader = ClimateNetReader(crop=crop)
+        info = reader.open(path)
+        rows = np.array([0, 2, 3, 5])  # with chunks of 3 steps: one read of 0-3, one of 5
+        got = reader.read(info, rows)
+        lon = info.meta["lon_index"]
+        want = np.stack([expected[v].transpose("time", "lat", "lon").values[rows][..., lon] for v in VARS], 1)
+        np.testing.assert_array_equal(got["x"], want.astype(np.float32))
+        np.testing.assert_array_equal(got["y"], expected["LABELS"].values[rows][..., lon])
+        assert got["x"][:, 2].max() > 200  # _Unsigned: 255, not -1
+        reader.close()
+    with netCDF4.Dataset(path, "a") as nc:
+        nc["U850"].set_auto_maskandscale(False)
+        nc["U850"][2, 5, 7] = -999
+    reader = ClimateNetReader()
+    with pytest.raises(SciMLError, match=rf"{path}: NaN, infinite or missing \(_FillValue\) values in 'U850' \(1\), "
+                                         "first at time index 2"):
+        reader.read(reader.open(path), np.arange(4))
+    reader.close()
+
+
 def test_bad_files_are_named(folder, tmp_path):
     src = sorted(folder.glob("*.nc"))[0]
     cases = []
