@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import compose  # noqa: E402
 from markers import replace_block  # noqa: E402
 
+from sciml.allocator import keep_freed_memory  # noqa: E402
 from sciml.optim.factory import build_optimizer, build_scheduler  # noqa: E402
 from sciml.run import _strategy, hand_shapes_to_model  # noqa: E402
 from sciml.threads import configure_threads  # noqa: E402
@@ -188,12 +189,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30, help="training batches per epoch")
     parser.add_argument("--steps", type=int, default=10, help="first steps whose losses must agree")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--malloc-keep-mb", type=lambda v: None if v == "null" else int(v), default=1024,
+                        help="sciml's malloc_keep_mb for the process (both sides share it); null: glibc's defaults")
     parser.add_argument("overrides", nargs="*", help="config overrides for both sides")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     threads = configure_threads("auto", 1)  # both sides share the process and its threads
+    keep_freed_memory(args.malloc_keep_mb)  # and its allocator: as `python -m sciml` sets it up
     rows = []
     for plugin in args.plugins:
         ratios, cpu_ratios, sciml_rates, raw_rates, worst = [], [], [], [], 0.0

@@ -37,6 +37,7 @@ _OPTIMIZER_KEYS = {"base_batch_size": int | None, "lr_scaling": typing.Literal["
 _SCHEDULER_KEYS = {"name": typing.Literal["none", "warmup_poly", "cosine"], "warmup_epochs": float,
                    "power": float, "end_lr": float, "min_lr": float}
 _TOP_KEYS = {"name": str, "seed": int, "train": bool, "ckpt_path": str | None, "objective": str,
+             "malloc_keep_mb": int | None,
              "objective_mode": typing.Literal["min", "max"], "monitor": str,
              "monitor_mode": typing.Literal["min", "max"]}
 

@@ -21,6 +21,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sciml import config_check, distributed, rundir, signals
+from sciml.allocator import keep_freed_memory
 from sciml.data import DataModule, PredictionWriter
 from sciml.distributed import launch
 from sciml.errors import SciMLError
@@ -71,6 +72,7 @@ def run(cfg: DictConfig) -> float | None:
     config_check.check(cfg)  # keys and value types, before anything is built or read
     out = Path(cfg.paths.output_dir)
     configure_threads(cfg.get("threads", "auto"), cfg.trainer.get("devices"))  # before any torch work
+    keep_freed_memory(cfg.get("malloc_keep_mb", 1024))
     cfg = with_checkpoint_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
 
