@@ -301,10 +301,10 @@ def test_packed_fields_decode_as_xarray_decodes_them(folder, tmp_path, form):
         u = nc.createVariable("U850", "i2", ("time", "lon", "lat"))  # another dimension order
         u.scale_factor, u.missing_value = 0.01, -999
         u[:] = src["U850"].values.transpose(0, 2, 1)
-        v = nc.createVariable("V850", "i1", ("time", "lat", "lon"))  # unsigned bytes stored signed
+        v = nc.createVariable("V850", "i1", ("time", "lat", "lon"), fill_value=-128)  # unsigned bytes stored signed
         v.setncattr("_Unsigned", "true")
-        v.set_auto_scale(False)
-        v[:] = np.arange(src["V850"].size).reshape(src["V850"].shape) % 256 - 128
+        v.set_auto_maskandscale(False)
+        v[:] = np.arange(src["V850"].size).reshape(src["V850"].shape) % 254 - 127  # all but the fill value
         nc.createVariable("PSL", "f4", ("time", "lat", "lon"))[:] = src["PSL"].values
         nc.createVariable("LABELS", "u1" if form == "NETCDF4" else "i2", ("time", "lat", "lon"), **chunked)[:] = \
             src["LABELS"].values
@@ -312,7 +312,7 @@ def test_packed_fields_decode_as_xarray_decodes_them(folder, tmp_path, form):
     for crop in (None, {"lon": [300, 60]}):
         reader = ClimateNetReader(crop=crop)
         info = reader.open(path)
-        rows = np.array([0, 2, 3, 5])  # with chunks of 3 steps: one read of 0-3, one of 5
+        rows = np.array([0, 2, 3, 5])  # TMQ and LABELS in chunks of 3 steps: one read of steps 0-5
         got = reader.read(info, rows)
         lon = info.meta["lon_index"]
         want = np.stack([expected[v].transpose("time", "lat", "lon").values[rows][..., lon] for v in VARS], 1)
@@ -320,14 +320,17 @@ def test_packed_fields_decode_as_xarray_decodes_them(folder, tmp_path, form):
         np.testing.assert_array_equal(got["y"], expected["LABELS"].values[rows][..., lon])
         assert got["x"][:, 2].max() > 200  # _Unsigned: 255, not -1
         reader.close()
-    with netCDF4.Dataset(path, "a") as nc:
-        nc["U850"].set_auto_maskandscale(False)
-        nc["U850"][2, 5, 7] = -999
-    reader = ClimateNetReader()
-    with pytest.raises(SciMLError, match=rf"{path}: NaN, infinite or missing \(_FillValue\) values in 'U850' \(1\), "
-                                         "first at time index 2"):
-        reader.read(reader.open(path), np.arange(4))
-    reader.close()
+    for name, fill in (("U850", -999), ("V850", -128)):  # missing_value; _FillValue of an `_Unsigned` variable
+        broken = tmp_path / f"missing_{name}.nc"
+        broken.write_bytes(path.read_bytes())
+        with netCDF4.Dataset(broken, "a") as nc:
+            nc[name].set_auto_maskandscale(False)
+            nc[name][2, 5, 7] = fill
+        reader = ClimateNetReader()
+        with pytest.raises(SciMLError, match=rf"{broken}: NaN, infinite or missing \(_FillValue\) values in "
+                                             rf"'{name}' \(1\), first at time index 2"):
+            reader.read(reader.open(broken), np.arange(4))
+        reader.close()
 
 
 def test_bad_files_are_named(folder, tmp_path):

@@ -96,21 +96,29 @@ def _region(index: np.ndarray) -> tuple[slice, np.ndarray | None]:
     return slice(lo, hi), index - lo
 
 
+def _unsigned(codes: dict, raw: np.ndarray) -> np.ndarray:
+    """Signed integers that `_Unsigned` marks as unsigned (netCDF-3 has no unsigned types), viewed as such."""
+    if str(codes.get("_Unsigned", "")).lower() == "true" and raw.dtype.kind == "i":
+        return raw.view(raw.dtype.str.replace("i", "u"))
+    return raw
+
+
 def _missing(codes: dict, raw: np.ndarray) -> np.ndarray | None:
     """Where raw values are `_FillValue` or `missing_value` (None: nowhere), as xarray's CF decoding masks them."""
     bad = None
     for key in ("_FillValue", "missing_value"):
         for value in np.atleast_1d(codes.get(key, [])):
-            hit = np.isnan(raw) if raw.dtype.kind == "f" and np.isnan(value) else raw == value
+            if raw.dtype.kind in "iu":  # a fill value of an `_Unsigned` variable may be given signed or unsigned
+                hit = raw == np.asarray(value).astype(raw.dtype)
+            else:
+                hit = np.isnan(raw) if np.isnan(value) else raw == value
             bad = hit if bad is None else bad | hit
     return bad
 
 
 def _decode(codes: dict, raw: np.ndarray, out: np.ndarray) -> None:
-    """CF-decode raw values into `out` (float32): unsigned ints (`_Unsigned`), then scale and offset, computed in
-    float64 as xarray does (in float32, an offset of 800 and a scale of 0.05 would round values by 1e-6)."""
-    if str(codes.get("_Unsigned", "")).lower() == "true" and raw.dtype.kind == "i":
-        raw = raw.view(raw.dtype.str.replace("i", "u"))
+    """CF-decode raw values into `out` (float32): scale and offset, computed in float64 as xarray does (in float32,
+    an offset of 800 and a scale of 0.05 would round values by 1e-6)."""
     if "scale_factor" not in codes and "add_offset" not in codes:
         np.copyto(out, raw, casting="unsafe")
         return
@@ -269,8 +277,8 @@ class ClimateNetReader(Reader):
 
     # -- reading --------------------------------------------------------------------------------------------------
     def _raw(self, info: FileInfo, name: str, rows: np.ndarray) -> tuple[dict, np.ndarray]:
-        """Variable `name` at time steps `rows` on the cropped grid, undecoded, (len(rows), lat, lon), and its CF
-        packing."""
+        """Variable `name` at time steps `rows` on the cropped grid, undecoded but for `_Unsigned`, (len(rows),
+        lat, lon), and its CF packing."""
         encoding = info.meta["encoding"][name]
         dims = encoding["dims"]
         var = _variable(self.handle(info.path, _open), name)
@@ -297,7 +305,7 @@ class ClimateNetReader(Reader):
         raw = raw.transpose([dims.index(d) for d in ("time", *GRID) if d in dims])
         if "time" not in dims:  # a one-time-step file: rows is [0]
             raw = np.broadcast_to(raw, (len(rows), *raw.shape))
-        return encoding["codes"], raw
+        return encoding["codes"], _unsigned(encoding["codes"], raw)
 
     def read_labels(self, info: FileInfo, rows: np.ndarray) -> np.ndarray:
         codes, y = self._raw(info, self.labels, rows)
