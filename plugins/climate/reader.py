@@ -317,7 +317,9 @@ class ClimateNetReader(Reader):
         if y.dtype.kind == "f":
             absent = ~np.isfinite(y) if absent is None else absent | ~np.isfinite(y)
         k = len(self.class_names)
-        invalid = (y < 0) | (y >= k) if y.dtype.kind != "f" else (y < 0) | (y >= k) | (y != np.round(y))
+        invalid = (y < 0) | (y >= k)
+        if y.dtype.kind == "f":
+            invalid |= y != np.round(y)
         if absent is not None:
             invalid |= absent
         if invalid.any():
